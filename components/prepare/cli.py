@@ -1,0 +1,5 @@
+"""(stub) ``motioncharacter data prepare``."""
+
+
+def add_commands(sub) -> None:
+    return None

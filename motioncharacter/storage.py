@@ -1,0 +1,251 @@
+"""One way to read and write data wherever it lives: local paths or ``s3://bucket/key``.
+
+S3 goes through the ``minio`` SDK. The endpoint and credentials come from the
+environment only (never from code, configs or logs):
+
+- ``MOTIONCHARACTER_S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL`` / ``MLFLOW_S3_ENDPOINT_URL``),
+  e.g. ``http://127.0.0.1:8333``
+- ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY``
+
+``motioncharacter stack up`` writes these for the local stack, and the CLI loads
+them when the environment does not already set them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+RETRIES = 4
+
+
+class StorageError(RuntimeError):
+    """A URI that cannot be read or written, with the reason."""
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def parse_s3(uri: str) -> tuple[str, str]:
+    p = urlparse(uri)
+    if p.scheme != "s3" or not p.netloc:
+        raise StorageError(f"{uri!r} is not an s3://bucket/key URI")
+    return p.netloc, p.path.lstrip("/")
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a local path or an s3:// URI."""
+    base = str(base)
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    return str(Path(base, *parts))
+
+
+def endpoint() -> str | None:
+    for var in ("MOTIONCHARACTER_S3_ENDPOINT", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+        if os.environ.get(var):
+            return os.environ[var]
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _client(ep: str, access: str, secret: str):
+    from minio import Minio
+
+    u = urlparse(ep if "://" in ep else f"http://{ep}")
+    return Minio(u.netloc, access_key=access, secret_key=secret, secure=u.scheme == "https")
+
+
+def client():
+    """A MinIO SDK client for the configured endpoint, or a clear error saying what is missing."""
+    ep = endpoint()
+    if not ep:
+        raise StorageError(
+            "an s3:// URI was given but no object store is configured: set MOTIONCHARACTER_S3_ENDPOINT "
+            "(and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), or start the local one with "
+            "`motioncharacter stack up`"
+        )
+    access, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not access or not secret:
+        raise StorageError(f"object store {ep} is configured but AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are not set")
+    return _client(ep, access, secret)
+
+
+def _retry(what: str, fn):
+    """Retry transient network failures with exponential backoff, then fail with a clear message."""
+    from minio.error import S3Error
+
+    delay = 0.5
+    for attempt in range(RETRIES):
+        try:
+            return fn()
+        except S3Error:
+            raise
+        except Exception as e:  # urllib3 connection errors and the like
+            if attempt == RETRIES - 1:
+                raise StorageError(f"{what}: object store {endpoint()} unreachable after {RETRIES} tries ({e})") from e
+            time.sleep(delay)
+            delay *= 2
+
+
+def _s3_call(what: str, fn):
+    from minio.error import S3Error
+
+    try:
+        return _retry(what, fn)
+    except S3Error as e:
+        raise StorageError(f"{what}: {e.code}: {e.message}") from e
+
+
+def ensure_bucket(bucket: str) -> None:
+    c = client()
+    if not _s3_call(f"checking bucket {bucket}", lambda: c.bucket_exists(bucket)):
+        _s3_call(f"creating bucket {bucket}", lambda: c.make_bucket(bucket))
+
+
+def exists(uri: str) -> bool:
+    if not is_s3(uri):
+        return Path(uri).exists()
+    from minio.error import S3Error
+
+    bucket, key = parse_s3(uri)
+    c = client()
+    try:
+        _retry(f"stat {uri}", lambda: c.stat_object(bucket, key))
+        return True
+    except S3Error as e:
+        if e.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+            return False
+        raise StorageError(f"stat {uri}: {e.code}: {e.message}") from e
+
+
+def read_bytes(uri: str) -> bytes:
+    if not is_s3(uri):
+        p = Path(uri)
+        if not p.is_file():
+            raise StorageError(f"{uri} does not exist")
+        return p.read_bytes()
+    bucket, key = parse_s3(uri)
+    c = client()
+
+    def get():
+        r = c.get_object(bucket, key)
+        try:
+            return r.read()
+        finally:
+            r.close()
+            r.release_conn()
+
+    return _s3_call(f"reading {uri}", get)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    if not is_s3(uri):
+        p = Path(uri)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".partial")
+        tmp.write_bytes(data)
+        tmp.replace(p)  # atomic: a crash never leaves half a file under the real name
+        return
+    import io
+
+    bucket, key = parse_s3(uri)
+    ensure_bucket(bucket)
+    c = client()
+    _s3_call(f"writing {uri}", lambda: c.put_object(bucket, key, io.BytesIO(data), len(data)))
+
+
+def upload_file(local: str | Path, uri: str) -> None:
+    if not is_s3(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, uri)
+        return
+    bucket, key = parse_s3(uri)
+    ensure_bucket(bucket)
+    c = client()
+    _s3_call(f"uploading {local} to {uri}", lambda: c.fput_object(bucket, key, str(local)))
+
+
+def download_file(uri: str, local: str | Path) -> Path:
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    if not is_s3(uri):
+        shutil.copyfile(uri, local)
+        return local
+    bucket, key = parse_s3(uri)
+    c = client()
+    _s3_call(f"downloading {uri}", lambda: c.fget_object(bucket, key, str(local)))
+    return local
+
+
+def list_files(uri: str) -> Iterator[str]:
+    """Every file under a local folder or an s3:// prefix, as full paths/URIs, sorted."""
+    if not is_s3(uri):
+        p = Path(uri)
+        if p.is_file():
+            yield str(p)
+            return
+        if not p.is_dir():
+            raise StorageError(f"{uri} does not exist")
+        yield from (str(f) for f in sorted(p.rglob("*")) if f.is_file())
+        return
+    bucket, prefix = parse_s3(uri)
+    c = client()
+    if prefix and not prefix.endswith("/") and exists(uri):
+        yield uri
+        return
+    pre = prefix.rstrip("/") + "/" if prefix else ""
+    objs = _s3_call(f"listing {uri}", lambda: list(c.list_objects(bucket, prefix=pre, recursive=True)))
+    for o in sorted(objs, key=lambda o: o.object_name):
+        if not o.is_dir:
+            yield f"s3://{bucket}/{o.object_name}"
+
+
+def upload_dir(local_dir: str | Path, uri: str) -> int:
+    """Mirror a local folder to a URI (files only); returns the number of files copied."""
+    local_dir = Path(local_dir)
+    n = 0
+    for f in sorted(local_dir.rglob("*")):
+        if f.is_file():
+            upload_file(f, join(uri, f.relative_to(local_dir).as_posix()))
+            n += 1
+    return n
+
+
+def download_dir(uri: str, local_dir: str | Path) -> Path:
+    """Copy everything under an s3:// prefix (or local folder) into local_dir."""
+    local_dir = Path(local_dir)
+    base = uri.rstrip("/")
+    for f in list_files(uri):
+        rel = f[len(base):].lstrip("/") if is_s3(uri) else str(Path(f).relative_to(base))
+        download_file(f, local_dir / (rel or Path(f).name))
+    return local_dir
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("MOTIONCHARACTER_CACHE", Path.home() / ".cache" / "motioncharacter"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def local_copy(uri: str, workdir: str | Path | None = None) -> Path:
+    """A local path for a URI: the path itself, or a download of the object/prefix."""
+    if not is_s3(uri):
+        p = Path(uri)
+        if not p.exists():
+            raise StorageError(f"{uri} does not exist")
+        return p
+    bucket, key = parse_s3(uri)
+    target = Path(workdir or tempfile.mkdtemp(prefix="mc-", dir=cache_dir())) / bucket / key
+    files = list(list_files(uri))
+    if not files:
+        raise StorageError(f"{uri} holds no objects")
+    if files == [uri]:
+        return download_file(uri, target)
+    return download_dir(uri, target)
