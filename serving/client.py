@@ -1,0 +1,275 @@
+"""Call a MotionCharacter Triton endpoint over HTTP or gRPC, with timeouts and retries.
+
+    with MotionCharacterClient("grpc://127.0.0.1:8001") as c:
+        result = c.generate(image="face.png", prompt="a woman smiling", steps=25)
+        for event in c.stream(image=img, prompt="..."):   # gRPC only
+            ...  # Progress(step, total) per denoising step, then a Result
+
+A client object is not thread-safe (tritonclient's HTTP client is gevent-based): make one per thread.
+Only transient failures (connection refused/reset, UNAVAILABLE, queue full) are retried; an invalid
+request raises ``RemoteError`` (a ValueError) with the server's message at once.
+"""
+from __future__ import annotations
+
+import io
+import queue
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .repository import MODEL, STREAM_MODEL
+from .request_args import INPUTS
+
+
+class RemoteError(ValueError):
+    """The server rejected the request (bad input, no face, ...): fix the request, don't retry."""
+
+
+class ServerUnavailable(RuntimeError):
+    """The server could not be reached or stayed unavailable after the retries."""
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+
+
+@dataclass
+class Result:
+    frames: np.ndarray          # (F, H, W, 3) uint8 RGB
+    video: bytes | None = None  # mp4, when requested
+
+
+_TRANSIENT = ("UNAVAILABLE", "503", "502", "504", "Connection refused", "Connection reset", "failed to connect",
+              "Socket closed", "connection attempt timed out", "Exceeds maximum queue size")
+
+
+def _is_transient(e: Exception) -> bool:
+    text = f"{getattr(e, 'status', lambda: '')()} {e}"
+    return any(t.lower() in text.lower() for t in _TRANSIENT)
+
+
+def _image_bytes(image) -> bytes:
+    """Encoded image bytes from an RGB array, raw bytes, or a local path / s3:// URI."""
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    if isinstance(image, np.ndarray):
+        import cv2
+
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be an RGB uint8 (H, W, 3) array, got {image.dtype} {image.shape}")
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise ValueError("could not PNG-encode the image")
+        return buf.tobytes()
+    if isinstance(image, (str, Path)):
+        from .. import storage
+
+        return storage.read_bytes(str(image))
+    raise ValueError(f"image must be an RGB array, bytes or a path/URI, got {type(image).__name__}")
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """('http'|'grpc', 'host:port'); no scheme means HTTP."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "http", url.rstrip("/")
+    if scheme in ("http", "grpc"):
+        return scheme, rest.rstrip("/")
+    raise ValueError(f"url {url!r}: use http://HOST:PORT or grpc://HOST:PORT")
+
+
+class MotionCharacterClient:
+    def __init__(self, url: str, *, model: str = MODEL, stream_model: str = STREAM_MODEL, timeout_s: float = 600.0,
+                 connect_timeout_s: float = 10.0, retries: int = 3, backoff_s: float = 0.5):
+        self.protocol, self.address = parse_url(url)
+        self.model, self.stream_model = model, stream_model
+        self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
+        self.retries, self.backoff_s = retries, backoff_s
+        self._client = None
+        self._batched: dict[str, bool] = {}
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    def _module(self):
+        if self.protocol == "grpc":
+            import tritonclient.grpc as m
+        else:
+            import tritonclient.http as m
+        return m
+
+    def _new_client(self):
+        m = self._module()
+        if self.protocol == "grpc":
+            return m.InferenceServerClient(self.address)
+        return m.InferenceServerClient(self.address, connection_timeout=self.connect_timeout_s,
+                                       network_timeout=self.timeout_s)
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = self._new_client()
+        return self._client
+
+    def _retry(self, what: str, fn):
+        from tritonclient.utils import InferenceServerException
+
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except InferenceServerException as e:
+                if not _is_transient(e):
+                    raise RemoteError(f"{what}: {e.message() or e}") from None
+                err = e
+            except (ConnectionError, OSError, TimeoutError) as e:
+                err = e
+            if attempt < self.retries:
+                time.sleep(delay)
+                delay *= 2
+        raise ServerUnavailable(f"{what}: server at {self.protocol}://{self.address} unavailable after "
+                                f"{self.retries + 1} tries ({err})")
+
+    def _kw(self) -> dict:
+        # gRPC takes a client-side deadline per call; the HTTP client has its network_timeout.
+        return {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+
+    def ready(self) -> bool:
+        try:
+            return bool(self.client.is_server_ready(**self._kw()))
+        except Exception:  # noqa: BLE001 - not ready is the answer to any failure here
+            return False
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise ServerUnavailable(f"server at {self.protocol}://{self.address} not ready after {timeout_s:g} s")
+            time.sleep(0.5)
+
+    def _is_batched(self, model: str) -> bool:
+        if model not in self._batched:
+            cfg = self._retry(f"reading {model}'s config", lambda: self.client.get_model_config(model, **self._kw()))
+            cfg = cfg.config if hasattr(cfg, "config") else cfg  # gRPC wraps it in a response message
+            mbs = cfg.max_batch_size if hasattr(cfg, "max_batch_size") else cfg.get("max_batch_size", 0)
+            self._batched[model] = int(mbs) > 0
+        return self._batched[model]
+
+    def _inputs(self, model: str, image, prompt: str, params: dict) -> list:
+        m = self._module()
+        batched = self._is_batched(model)
+        values = {"image": _image_bytes(image), "prompt": prompt,
+                  **{k: v for k, v in params.items() if v is not None}}
+        unknown = set(values) - set(INPUTS)
+        if unknown:
+            raise ValueError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
+        out = []
+        for name, v in values.items():
+            _, dtype, _, _ = INPUTS[name]
+            arr = np.array([v.encode() if isinstance(v, str) else v], dtype=dtype)
+            if batched:
+                arr = arr[None]
+            t = m.InferInput(name, list(arr.shape), "BYTES" if dtype is np.object_ else
+                             {np.float32: "FP32", np.int32: "INT32", np.int64: "INT64"}[dtype])
+            t.set_data_from_numpy(arr)
+            out.append(t)
+        return out
+
+    def _outputs(self, names: list[str]) -> list:
+        m = self._module()
+        return [m.InferRequestedOutput(n) for n in names]
+
+    @staticmethod
+    def _unbatch(result, name: str, batched: bool):
+        a = result.as_numpy(name)
+        return a[0] if (a is not None and batched) else a
+
+    # -- API ---------------------------------------------------------------------------------------
+    def generate(self, image, prompt: str, *, video: bool = False, **params) -> Result:
+        """One request, one response: frames (and mp4 bytes when ``video``)."""
+        inputs = self._inputs(self.model, image, prompt, params)
+        outputs = self._outputs(["frames", "video"] if video else ["frames"])
+        res = self._retry(f"generating on {self.model}", lambda: self.client.infer(
+            self.model, inputs, outputs=outputs, **self._kw()))
+        batched = self._is_batched(self.model)
+        vid = self._unbatch(res, "video", batched) if video else None
+        return Result(frames=self._unbatch(res, "frames", batched), video=bytes(vid[0]) if vid is not None else None)
+
+    def stream(self, image, prompt: str, *, video: bool = True, **params) -> Iterator[Progress | Result]:
+        """Yield Progress(step, total) per denoising step, then the Result (gRPC only).
+
+        Closing the generator early (``break``) cancels the request on the server.
+        """
+        if self.protocol != "grpc":
+            raise ValueError("streaming needs gRPC: use a grpc://HOST:PORT url")
+        inputs = self._inputs(self.stream_model, image, prompt, params)
+        outputs = self._outputs(["frames", "video", "step", "total"] if video else ["frames", "step", "total"])
+        batched = self._is_batched(self.stream_model)
+        events: queue.Queue = queue.Queue()
+        c = self._new_client()  # one stream per connection
+        finished = False
+        try:
+            self._retry("opening a stream", lambda: c.start_stream(
+                callback=lambda result, error: events.put((result, error)), stream_timeout=self.timeout_s))
+            c.async_stream_infer(self.stream_model, inputs, outputs=outputs, enable_empty_final_response=False)
+            deadline = time.monotonic() + self.timeout_s
+            while True:
+                try:
+                    result, error = events.get(timeout=max(0.1, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise ServerUnavailable(f"no response from {self.stream_model} within {self.timeout_s:g} s") from None
+                if error is not None:
+                    if _is_transient(error):
+                        raise ServerUnavailable(f"streaming on {self.stream_model}: {error}")
+                    raise RemoteError(f"streaming on {self.stream_model}: {error.message() or error}")
+                frames = self._unbatch(result, "frames", batched)
+                step = int(self._unbatch(result, "step", batched)[0])
+                total = int(self._unbatch(result, "total", batched)[0])
+                if frames is None:
+                    yield Progress(step, total)
+                    continue
+                vid = self._unbatch(result, "video", batched) if video else None
+                finished = True
+                yield Result(frames=frames, video=bytes(vid[0]) if vid is not None else None)
+                return
+        finally:
+            # Closing the stream before the server stops keeps its shutdown from hanging; an
+            # unfinished request is cancelled so the server stops generating between steps.
+            c.stop_stream(cancel_requests=not finished)
+            c.close()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> "MotionCharacterClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def generate_remote(url: str, *, image, prompt: str, negative_prompt: str = "", action: str = "",
+                    intensity: float = 10.0, id_scale: float = 1.0, motion_scale: float = 1.0, steps: int = 25,
+                    guidance: float = 8.0, frames: int = 16, height: int = 512, width: int = 512, seed: int = 0,
+                    face_index: int | None = None, progress: Callable[[int, int], None] | None = None,
+                    timeout_s: float = 600.0, retries: int = 3) -> np.ndarray:
+    """Same arguments and result as ``motioncharacter.model.inference.generate``, run on a Triton server.
+
+    Over gRPC with ``progress`` the streaming model reports each step; otherwise one plain request.
+    """
+    params = dict(negative_prompt=negative_prompt, action=action, intensity=intensity, id_scale=id_scale,
+                  motion_scale=motion_scale, steps=steps, guidance=guidance, frames=frames, height=height,
+                  width=width, seed=seed, face_index=-1 if face_index is None else face_index)
+    with MotionCharacterClient(url, timeout_s=timeout_s, retries=retries) as c:
+        if progress is not None and c.protocol == "grpc":
+            for event in c.stream(image, prompt, video=False, **params):
+                if isinstance(event, Progress):
+                    progress(event.step, event.total)
+                else:
+                    return event.frames
+        return c.generate(image, prompt, **params).frames

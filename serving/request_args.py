@@ -1,0 +1,151 @@
+"""Turn one Triton request's tensors into ``generate()`` keyword arguments, or say clearly what is wrong.
+
+Pure numpy: the Python backend calls it with a getter over the request's inputs, and tests call it
+directly. Every problem raises ValueError with a message that names the input and the limit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+
+import numpy as np
+
+# Input name -> (Triton type, numpy dtype, optional, default). Defaults follow
+# motioncharacter.model.inference.generate; the order is the order in config.pbtxt.
+INPUTS: dict[str, tuple[str, type, bool, object]] = {
+    "image": ("TYPE_STRING", np.object_, False, None),
+    "prompt": ("TYPE_STRING", np.object_, False, None),
+    "negative_prompt": ("TYPE_STRING", np.object_, True, ""),
+    "action": ("TYPE_STRING", np.object_, True, ""),
+    "intensity": ("TYPE_FP32", np.float32, True, 10.0),
+    "id_scale": ("TYPE_FP32", np.float32, True, 1.0),      # lambda in the paper
+    "motion_scale": ("TYPE_FP32", np.float32, True, 1.0),  # alpha in the paper
+    "steps": ("TYPE_INT32", np.int32, True, 25),
+    "guidance": ("TYPE_FP32", np.float32, True, 8.0),
+    "frames": ("TYPE_INT32", np.int32, True, 16),
+    "height": ("TYPE_INT32", np.int32, True, 512),
+    "width": ("TYPE_INT32", np.int32, True, 512),
+    "seed": ("TYPE_INT64", np.int64, True, 0),
+    "face_index": ("TYPE_INT32", np.int32, True, -1),      # -1: exactly one face expected
+}
+MAX_INTENSITY = 20.0  # motion intensity M is capped at 20 in the data (paper, eq. 7)
+
+
+@dataclass
+class Limits:
+    """Per-deployment request limits (config.pbtxt parameters ``limit_*``)."""
+
+    max_frames: int = 32
+    max_resolution: int = 512        # largest height or width
+    max_steps: int = 100
+    max_prompt_chars: int = 1000
+    max_image_bytes: int = 20_000_000
+    max_image_pixels: int = 40_000_000
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "Limits":
+        kw = {f.name: int(params[f"limit_{f.name}"]) for f in fields(cls) if f"limit_{f.name}" in params}
+        return cls(**kw)
+
+    def as_parameters(self) -> dict[str, str]:
+        return {f"limit_{k}": str(v) for k, v in asdict(self).items()}
+
+
+def _text(value: np.ndarray, name: str) -> str:
+    item = value.reshape(-1)[0]
+    if isinstance(item, bytes):
+        try:
+            return item.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"input '{name}' is not valid UTF-8 text") from None
+    return str(item)
+
+
+def _scalar(value: np.ndarray, name: str):
+    if value.size != 1:
+        raise ValueError(f"input '{name}' must hold exactly one value, got shape {list(value.shape)}")
+    return value.reshape(-1)[0]
+
+
+def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """Encoded PNG/JPEG/WebP/BMP bytes -> RGB uint8 (H, W, 3)."""
+    import cv2
+
+    if not data:
+        raise ValueError("input 'image' is empty: send the reference portrait as encoded PNG/JPEG bytes")
+    if len(data) > max_bytes:
+        raise ValueError(f"input 'image' is {len(data):,} bytes, over this server's limit of {max_bytes:,}")
+    buf = np.frombuffer(data, np.uint8)
+    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError("input 'image' is not a decodable image (expected PNG, JPEG, WebP or BMP bytes)")
+    if bgr.shape[0] * bgr.shape[1] > max_pixels:
+        raise ValueError(f"input 'image' is {bgr.shape[1]}x{bgr.shape[0]}, over the {max_pixels:,}-pixel limit")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def parse(get: Callable[[str], np.ndarray | None], limits: Limits) -> dict:
+    """Keyword arguments for ``generate(pipe, **kw)`` from a getter of input arrays (None = absent)."""
+    raw = {}
+    for name, (_, dtype, optional, default) in INPUTS.items():
+        value = get(name)
+        if value is None:
+            if not optional:
+                raise ValueError(f"required input '{name}' is missing")
+            raw[name] = default
+            continue
+        value = np.asarray(value)
+        if dtype is np.object_:
+            if value.size != 1:
+                raise ValueError(f"input '{name}' must hold exactly one value, got shape {list(value.shape)}")
+            raw[name] = value.reshape(-1)[0] if name == "image" else _text(value, name)
+        else:
+            raw[name] = _scalar(value, name).item()
+
+    image = raw["image"]
+    if not isinstance(image, (bytes, bytearray)):
+        image = str(image).encode()
+    kw: dict = {"image": decode_image(bytes(image), limits.max_image_bytes, limits.max_image_pixels)}
+
+    for name in ("prompt", "negative_prompt", "action"):
+        text = raw[name]
+        if len(text) > limits.max_prompt_chars:
+            raise ValueError(f"input '{name}' is {len(text)} characters long, over this server's limit of "
+                             f"{limits.max_prompt_chars}")
+        kw[name] = text
+    if not kw["prompt"].strip():
+        raise ValueError("input 'prompt' is empty: describe the video to generate")
+
+    intensity = float(raw["intensity"])
+    if not math.isfinite(intensity) or not 0.0 <= intensity <= MAX_INTENSITY:
+        raise ValueError(f"input 'intensity' must be a number in [0, {MAX_INTENSITY:g}], got {intensity}")
+    kw["intensity"] = intensity
+    for name in ("id_scale", "motion_scale", "guidance"):
+        v = float(raw[name])
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"input '{name}' must be a finite number >= 0, got {v}")
+        kw[name] = v
+
+    def bounded(name: str, lo: int, hi: int, limit_name: str) -> int:
+        v = int(raw[name])
+        if v < lo:
+            raise ValueError(f"input '{name}' must be at least {lo}, got {v}")
+        if v > hi:
+            raise ValueError(f"input '{name}' is {v}, over this server's limit of {hi} ({limit_name})")
+        return v
+
+    kw["steps"] = bounded("steps", 1, limits.max_steps, "max_steps")
+    kw["frames"] = bounded("frames", 1, limits.max_frames, "max_frames")
+    for name in ("height", "width"):
+        v = bounded(name, 8, limits.max_resolution, "max_resolution")
+        if v % 8:
+            raise ValueError(f"input '{name}' must be a multiple of 8 (the VAE downsamples by 8), got {v}")
+        kw[name] = v
+    seed = int(raw["seed"])
+    if seed < 0:
+        raise ValueError(f"input 'seed' must be >= 0, got {seed}")
+    kw["seed"] = seed
+    face_index = int(raw["face_index"])
+    kw["face_index"] = None if face_index < 0 else face_index
+    return kw

@@ -1,0 +1,195 @@
+"""Start and stop a real ``tritonserver`` (the binary shipped in the nvidia-pytriton wheel) on loopback.
+
+The wheel carries the server, the Python backend and a stub per Python version; Triton wants them
+in one backend folder, so ``backend_dir()`` assembles one (copied once into the cache). The stub
+embeds this interpreter's libpython and must see this venv first on PATH to import our packages.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from pathlib import Path
+
+from .. import storage
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(RuntimeError):
+    """tritonserver could not start, or did not become ready; the message holds its last log lines."""
+
+
+def _pytriton_root() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def tritonserver_binary() -> Path:
+    return _pytriton_root() / "bin" / "tritonserver"
+
+
+def backend_dir() -> Path:
+    """A backend folder with ``python/`` holding libtriton_python.so, its utils and the 3.11 stub."""
+    src = _pytriton_root()
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    files = [src / "backends/python/libtriton_python.so", src / "backends/python/triton_python_backend_utils.py",
+             src / f"python_backend_stubs/{py}/triton_python_backend_stub"]
+    dest = storage.cache_dir() / "triton-backends"
+    for f in files:
+        target = dest / "python" / f.name
+        if not target.exists() or target.stat().st_size != f.stat().st_size:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + f".{os.getpid()}.partial")
+            shutil.copy2(f, tmp)
+            tmp.replace(target)  # atomic, so concurrent test sessions never see half a file
+    return dest
+
+
+def server_env(base: dict | None = None) -> dict:
+    env = dict(os.environ if base is None else base)
+    libs = [str(Path(sys.prefix) / "lib" / "python3.11" / "site-packages" / "nvidia_pytriton.libs"),
+            sysconfig.get_config_var("LIBDIR") or ""]
+    try:
+        import pytriton
+
+        libs[0] = str(Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs")
+    except ImportError:
+        pass
+    env["LD_LIBRARY_PATH"] = ":".join([*(p for p in libs if p), env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def triton_repository_uri(uri: str) -> str:
+    """Triton's own spelling of an s3 repository: ``s3://host:port/bucket/prefix`` for non-AWS stores."""
+    if not storage.is_s3(uri):
+        return str(Path(uri).resolve())
+    ep = storage.endpoint()
+    if not ep:
+        return uri  # AWS S3 proper: Triton resolves the bucket itself
+    hostport = ep.split("://", 1)[-1].rstrip("/")
+    return f"s3://{hostport}/{uri[len('s3://'):]}"
+
+
+class TritonServer:
+    """A tritonserver child process; use as a context manager or call start()/stop()."""
+
+    def __init__(self, model_repository: str, *, http_port: int | None = 8000, grpc_port: int | None = 8001,
+                 metrics_port: int | None = 8002, host: str = "127.0.0.1", log_file: str | Path | None = None,
+                 log_verbose: int = 0, exit_timeout_s: int = 15, extra_args: tuple[str, ...] = ()):
+        if not storage.is_s3(model_repository) and not Path(model_repository).is_dir():
+            raise FileNotFoundError(f"model repository {model_repository} does not exist (run `motioncharacter deploy`)")
+        self.repository = model_repository
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.host = host
+        self.log_file = Path(log_file) if log_file else None
+        self.log_verbose = log_verbose
+        self.exit_timeout_s = exit_timeout_s
+        self.extra_args = tuple(extra_args)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"grpc://{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        return [
+            str(tritonserver_binary()),
+            f"--model-repository={triton_repository_uri(self.repository)}",
+            f"--backend-directory={backend_dir()}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true", "--allow-cpu-metrics=true", "--allow-gpu-metrics=false",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+
+    def start(self, wait: bool = True, timeout_s: float = 180.0) -> "TritonServer":
+        if self.proc and self.proc.poll() is None:
+            return self
+        out = None
+        if self.log_file:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_file, "ab")
+        log.info("starting tritonserver: %s", " ".join(self.command()))
+        # Own session: a last-resort kill reaches the Python stubs too, and Ctrl-C in a terminal
+        # goes to us first so we can stop the server cleanly.
+        self.proc = subprocess.Popen(self.command(), env=server_env(), stdout=out, stderr=subprocess.STDOUT if out else None,
+                                     start_new_session=True)
+        if out:
+            out.close()
+        if wait:
+            self.wait_ready(timeout_s)
+        return self
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.proc.returncode} while starting"
+                                  f"{self._log_tail()}")
+            if self.ready():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(f"tritonserver was not ready after {timeout_s:g} s{self._log_tail()}")
+
+    def _log_tail(self, n: int = 30) -> str:
+        if self.log_file and self.log_file.exists():
+            lines = self.log_file.read_text(errors="replace").splitlines()[-n:]
+            return ":\n" + "\n".join(lines)
+        return ""
+
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGINT (Triton unloads models and exits), then SIGKILL of its process group if it hangs."""
+        if not self.proc:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout_s or self.exit_timeout_s + 15)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop in time; killing its process group %d", self.proc.pid)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
