@@ -13,6 +13,7 @@ import sys
 COMMAND_MODULES = [
     "motioncharacter.stack",
     "motioncharacter.components.prepare.cli",
+    "motioncharacter.serving.cli",
 ]
 
 
