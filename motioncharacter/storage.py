@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-RETRIES = 4
+RETRIES = 3  # with BACKOFF: an unreachable endpoint fails in about a second (plus connect timeouts)
+BACKOFF = 0.25
+CONNECT_TIMEOUT = 3.0
+READ_TIMEOUT = 300.0
+# S3 error codes that mean the credentials were refused, not that the object is missing.
+AUTH_CODES = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken")
 
 
 class StorageError(RuntimeError):
@@ -55,11 +60,21 @@ def endpoint() -> str | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _client(ep: str, access: str, secret: str):
+def _client(ep: str, access: str, secret: str, region: str | None = None):
+    import certifi
+    import urllib3
     from minio import Minio
 
     u = urlparse(ep if "://" in ep else f"http://{ep}")
-    return Minio(u.netloc, access_key=access, secret_key=secret, secure=u.scheme == "https")
+    # minio's default pool waits 5 min to connect and retries 5 times inside urllib3; connection
+    # failures are retried by _retry instead (short, with backoff), 5xx still inside urllib3.
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT), maxsize=10,
+        cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(total=3, connect=0, read=0, backoff_factor=0.2,
+                              status_forcelist=[500, 502, 503, 504], raise_on_status=False))
+    return Minio(u.netloc, access_key=access, secret_key=secret, secure=u.scheme == "https",
+                 region=region, http_client=http)
 
 
 def client():
@@ -74,55 +89,119 @@ def client():
     access, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if not access or not secret:
         raise StorageError(f"object store {ep} is configured but AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are not set")
-    return _client(ep, access, secret)
+    return _client(ep, access, secret, os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
 
 
 def _retry(what: str, fn):
-    """Retry transient network failures with exponential backoff, then fail with a clear message."""
-    from minio.error import S3Error
+    """Retry connection failures with exponential backoff, then fail naming the endpoint."""
+    import urllib3
 
-    delay = 0.5
+    delay = BACKOFF
     for attempt in range(RETRIES):
         try:
             return fn()
-        except S3Error:
-            raise
-        except Exception as e:  # urllib3 connection errors and the like
+        except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as e:
             if attempt == RETRIES - 1:
-                raise StorageError(f"{what}: object store {endpoint()} unreachable after {RETRIES} tries ({e})") from e
+                raise StorageError(f"{what}: object store {endpoint()} unreachable after {RETRIES} tries "
+                                   f"({type(e).__name__}: {e})") from e
             time.sleep(delay)
             delay *= 2
 
 
-def _s3_call(what: str, fn):
+def _s3_error(what: str, e: Exception) -> StorageError:
+    """A StorageError for an S3/minio failure; refused credentials say so (never their values)."""
     from minio.error import S3Error
+
+    if isinstance(e, S3Error):
+        if e.code in AUTH_CODES:
+            return StorageError(f"{what}: object store {endpoint()} refused the credentials ({e.code}): check "
+                                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        return StorageError(f"{what}: {e.code}: {e.message}")
+    return StorageError(f"{what}: {e}")  # ValueError (bad bucket name, ...) or a server error
+
+
+def _s3_call(what: str, fn):
+    from minio.error import MinioException
 
     try:
         return _retry(what, fn)
-    except S3Error as e:
-        raise StorageError(f"{what}: {e.code}: {e.message}") from e
+    except (MinioException, ValueError) as e:
+        raise _s3_error(what, e) from e
+
+
+def _object(uri: str) -> tuple[str, str]:
+    """(bucket, key) of a URI that must name an object, not just a bucket."""
+    bucket, key = parse_s3(uri)
+    if not key or key.endswith("/"):
+        raise StorageError(f"{uri!r} names a bucket or a folder, not an object")
+    return bucket, key
+
+
+def _atomic_copy(src: str | Path, dst: str | Path) -> None:
+    """Copy into a temporary sibling, then rename: a crash never leaves half a file under dst."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_known_buckets: set[tuple[str | None, str]] = set()
 
 
 def ensure_bucket(bucket: str) -> None:
+    if (endpoint(), bucket) in _known_buckets:  # one check per process, not one per write
+        return
     c = client()
     if not _s3_call(f"checking bucket {bucket}", lambda: c.bucket_exists(bucket)):
         _s3_call(f"creating bucket {bucket}", lambda: c.make_bucket(bucket))
+    _known_buckets.add((endpoint(), bucket))
 
 
-def exists(uri: str) -> bool:
-    if not is_s3(uri):
-        return Path(uri).exists()
+def _is_object(uri: str) -> bool:
     from minio.error import S3Error
 
     bucket, key = parse_s3(uri)
+    if not key or key.endswith("/"):
+        return False
     c = client()
     try:
         _retry(f"stat {uri}", lambda: c.stat_object(bucket, key))
         return True
     except S3Error as e:
-        if e.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+        if e.code in ("NoSuchKey", "NoSuchObject", "NoSuchBucket"):
             return False
-        raise StorageError(f"stat {uri}: {e.code}: {e.message}") from e
+        raise _s3_error(f"stat {uri}", e) from e
+    except ValueError as e:
+        raise _s3_error(f"stat {uri}", e) from e
+
+
+def exists(uri: str) -> bool:
+    """True for an existing file/object, or a folder/prefix holding at least one."""
+    if not is_s3(uri):
+        return Path(uri).exists()
+    from minio.error import S3Error
+
+    if _is_object(uri):
+        return True
+    bucket, key = parse_s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    c = client()
+
+    def any_object():
+        try:
+            return next(iter(c.list_objects(bucket, prefix=prefix, recursive=True)), None) is not None
+        except S3Error as e:
+            if e.code == "NoSuchBucket":
+                return False
+            raise
+
+    return _s3_call(f"listing {uri}", any_object)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -131,7 +210,7 @@ def read_bytes(uri: str) -> bytes:
         if not p.is_file():
             raise StorageError(f"{uri} does not exist")
         return p.read_bytes()
-    bucket, key = parse_s3(uri)
+    bucket, key = _object(uri)
     c = client()
 
     def get():
@@ -149,24 +228,33 @@ def write_bytes(uri: str, data: bytes) -> None:
     if not is_s3(uri):
         p = Path(uri)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".partial")
-        tmp.write_bytes(data)
-        tmp.replace(p)  # atomic: a crash never leaves half a file under the real name
+        # unique temporary sibling, then rename: atomic, and concurrent writers never share it
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return
     import io
 
-    bucket, key = parse_s3(uri)
+    bucket, key = _object(uri)
     ensure_bucket(bucket)
     c = client()
     _s3_call(f"writing {uri}", lambda: c.put_object(bucket, key, io.BytesIO(data), len(data)))
 
 
 def upload_file(local: str | Path, uri: str) -> None:
+    if not Path(local).is_file():
+        raise StorageError(f"cannot upload {local}: not a file")
     if not is_s3(uri):
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(local, uri)
+        if Path(uri).exists() and Path(uri).samefile(local):
+            return
+        _atomic_copy(local, uri)
         return
-    bucket, key = parse_s3(uri)
+    bucket, key = _object(uri)
     ensure_bucket(bucket)
     c = client()
     _s3_call(f"uploading {local} to {uri}", lambda: c.fput_object(bucket, key, str(local)))
@@ -176,10 +264,14 @@ def download_file(uri: str, local: str | Path) -> Path:
     local = Path(local)
     local.parent.mkdir(parents=True, exist_ok=True)
     if not is_s3(uri):
-        shutil.copyfile(uri, local)
+        if not Path(uri).is_file():
+            raise StorageError(f"{uri} does not exist")
+        if not (local.exists() and local.samefile(uri)):
+            _atomic_copy(uri, local)
         return local
-    bucket, key = parse_s3(uri)
+    bucket, key = _object(uri)
     c = client()
+    # fget_object writes a .part.minio sibling and renames it: atomic too
     _s3_call(f"downloading {uri}", lambda: c.fget_object(bucket, key, str(local)))
     return local
 
@@ -197,7 +289,7 @@ def list_files(uri: str) -> Iterator[str]:
         return
     bucket, prefix = parse_s3(uri)
     c = client()
-    if prefix and not prefix.endswith("/") and exists(uri):
+    if _is_object(uri):
         yield uri
         return
     pre = prefix.rstrip("/") + "/" if prefix else ""
@@ -223,8 +315,8 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
     local_dir = Path(local_dir)
     base = uri.rstrip("/")
     for f in list_files(uri):
-        rel = f[len(base):].lstrip("/") if is_s3(uri) else str(Path(f).relative_to(base))
-        download_file(f, local_dir / (rel or Path(f).name))
+        rel = f[len(base):].lstrip("/") if is_s3(uri) else Path(f).relative_to(base).as_posix()
+        download_file(f, local_dir / (rel if rel not in ("", ".") else Path(f).name))
     return local_dir
 
 
