@@ -1,0 +1,157 @@
+"""Attention processor for the spatial cross-attention layers (attn2) of UNetMotionModel.
+
+One processor per layer computes, in order:
+  eq. 3  Z'  = to_out( Attn(Q, K^t, V^t) + lambda * Attn(Q, K^i, V^i) )      text + ID tokens
+  eq. 8  Z'' = Attn(Q', K^a, V^a) + alpha * Attn(Q', K^m, V^m),  Q' = Z' W'q   action + motion
+  out  = Z' + out_motion(Z'')
+``to_v_id`` and ``out_motion`` start at zero, so an untrained adapter returns the stock
+output exactly. The conditioning travels in ``cross_attention_kwargs["ip_hidden_states"]``:
+diffusers' Attention drops that key silently for processors that do not take it (the
+self-attention and motion-module layers keep their stock processors and see no warning).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+COND_KEY = "ip_hidden_states"
+
+
+@dataclass
+class MCConditioning:
+    """Per-sample (not per-frame) extra tokens and the two scales.
+
+    Token tensors are (B, T, text_dim) with B the UNet batch before frames are folded in;
+    ``None`` skips that branch. ``id_scale`` is lambda (eq. 3), ``motion_scale`` alpha (eq. 8).
+    """
+
+    id_tokens: torch.Tensor | None = None
+    action_tokens: torch.Tensor | None = None
+    motion_tokens: torch.Tensor | None = None
+    id_scale: float = 1.0
+    motion_scale: float = 1.0
+
+    def kwargs(self) -> dict:
+        return {COND_KEY: self}
+
+
+class MCLayer(nn.Module):
+    """The adapter's weights for one attn2 layer."""
+
+    def __init__(self, hidden_size: int, inner_dim: int, text_dim: int):
+        super().__init__()
+        self.to_k_id = nn.Linear(text_dim, inner_dim, bias=False)
+        self.to_v_id = nn.Linear(text_dim, inner_dim, bias=False)
+        self.to_q_motion = nn.Linear(hidden_size, inner_dim, bias=False)
+        self.to_k_action = nn.Linear(text_dim, inner_dim, bias=False)
+        self.to_v_action = nn.Linear(text_dim, inner_dim, bias=False)
+        self.to_k_motion = nn.Linear(text_dim, inner_dim, bias=False)
+        self.to_v_motion = nn.Linear(text_dim, inner_dim, bias=False)
+        self.out_motion = nn.Linear(inner_dim, hidden_size)
+        nn.init.zeros_(self.to_v_id.weight)
+        nn.init.zeros_(self.out_motion.weight)
+        nn.init.zeros_(self.out_motion.bias)
+
+
+def _per_sample_attention(q: torch.Tensor, tokens: torch.Tensor, to_k: nn.Linear, to_v: nn.Linear,
+                          heads: int) -> torch.Tensor:
+    """Attention of (B*F, N, inner) queries over per-sample tokens (B, T, D).
+
+    All frames of a sample share the tokens, so the frames are folded into the query
+    sequence (B, F*N) instead of repeating keys per frame: same result, F times less work.
+    """
+    bf, n, inner = q.shape
+    b = tokens.shape[0]
+    if bf % b:
+        raise ValueError(f"conditioning batch {b} does not divide the UNet batch {bf}")
+    hd = inner // heads
+    k = to_k(tokens).view(b, -1, heads, hd).transpose(1, 2)
+    v = to_v(tokens).view(b, -1, heads, hd).transpose(1, 2)
+    qh = q.reshape(b, (bf // b) * n, heads, hd).transpose(1, 2)
+    out = F.scaled_dot_product_attention(qh, k, v)
+    return out.transpose(1, 2).reshape(bf, n, inner)
+
+
+class MotionCharacterAttnProcessor:
+    """A plain object (not an nn.Module) so the adapter's weights stay in the adapter, not
+    in the UNet's state dict; the base UNet's files are never touched by saving adapters."""
+
+    def __init__(self, layer: MCLayer):
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 ip_hidden_states: MCConditioning | None = None):
+        # The text path below is diffusers' AttnProcessor2_0, step for step.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        q = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask,
+                                                       dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        c, layer = ip_hidden_states, self.layer
+        # eq. 3: decoupled ID cross-attention shares Q with the text attention.
+        if c is not None and c.id_tokens is not None and c.id_scale != 0:
+            hidden_states = hidden_states + c.id_scale * _per_sample_attention(
+                query, c.id_tokens.to(query.dtype), layer.to_k_id, layer.to_v_id, attn.heads)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+
+        # eq. 8: action and motion attention in parallel on Q' = Z' W'q.
+        use_action = c is not None and c.action_tokens is not None
+        use_motion = c is not None and c.motion_tokens is not None and c.motion_scale != 0
+        if use_action or use_motion:
+            q2 = layer.to_q_motion(hidden_states)
+            z2 = 0
+            if use_action:
+                z2 = _per_sample_attention(q2, c.action_tokens.to(q2.dtype), layer.to_k_action,
+                                           layer.to_v_action, attn.heads)
+            if use_motion:
+                z2 = z2 + c.motion_scale * _per_sample_attention(
+                    q2, c.motion_tokens.to(q2.dtype), layer.to_k_motion, layer.to_v_motion, attn.heads)
+            hidden_states = hidden_states + layer.out_motion(z2)
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def spatial_cross_attention_layers(unet) -> dict:
+    """name -> Attention for every spatial cross-attention (attn2 not under motion_modules)."""
+    return {name: mod for name, mod in unet.named_modules()
+            if name.endswith("attn2") and "motion_modules" not in name and getattr(mod, "is_cross_attention", False)}

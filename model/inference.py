@@ -1,0 +1,79 @@
+"""The stable entry points that serving, evaluation and the CLI call.
+
+    pipe = load_pipeline(weights="s3://models/base", device="cuda")   # or preset="tiny"
+    frames = generate(pipe, image="face.jpg", prompt="a man talking", action="talking", intensity=8)
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .pipeline import MotionCharacterPipeline
+
+logger = logging.getLogger("motioncharacter.model")
+
+
+def load_pipeline(weights: str | None = None, preset: str | None = None, device: str = "cpu",
+                  arcface_pack: str | None = None) -> MotionCharacterPipeline:
+    """A ready MotionCharacterPipeline from a weights folder / s3:// URI, or ``preset="tiny"``.
+
+    Face embeddings come from ArcFace when ``arcface_pack`` (a folder or s3:// URI holding an
+    insightface recognition .onnx) is given, else from the offline SFace model; the name
+    is in ``pipe.face_embedder.name``. A weights folder without adapter/ gets a fresh,
+    zero-output adapter (the base AnimateDiff behaviour) and a warning.
+    """
+    from motioncharacter.faces import embedder
+
+    from .adapter import MotionCharacterAdapter
+    from .presets import PRESETS, build_tiny
+
+    if (weights is None) == (preset is None):
+        raise ValueError("pass exactly one of weights (a folder or s3:// URI) and preset (e.g. 'tiny')")
+    face = embedder(arcface_pack)
+    face_dim = 512 if face.name == "arcface" else 128
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        parts = build_tiny()
+        parts["unet"] = _motion(parts)
+        parts["adapter"] = MotionCharacterAdapter.for_unet(parts["unet"], clip_image_dim=32, face_dim=face_dim,
+                                                           seed=0)
+    else:
+        from .loading import load_components
+
+        parts = load_components(weights)
+        if parts["adapter"] is None:
+            logger.warning("%s has no adapter/; using an untrained adapter (output = base AnimateDiff)", weights)
+            parts["adapter"] = MotionCharacterAdapter.for_unet(
+                parts["unet"], clip_image_dim=parts["image_encoder"].config.projection_dim, face_dim=face_dim)
+    pipe = MotionCharacterPipeline(**parts)
+    pipe.face_embedder = face
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _motion(parts: dict):
+    from .motion_module import motion_unet
+
+    unet = motion_unet(parts["unet"], parts["motion_adapter"])
+    parts["motion_adapter"] = None
+    return unet
+
+
+def generate(pipe: MotionCharacterPipeline, *, image: np.ndarray | str, prompt: str, negative_prompt: str = "",
+             action: str = "", intensity: float = 10.0, id_scale: float = 1.0, motion_scale: float = 1.0,
+             steps: int = 25, guidance: float = 8.0, frames: int = 16, height: int = 512, width: int = 512,
+             seed: int = 0, face_index: int | None = None,
+             progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """uint8 frames (F, H, W, 3). Every argument is validated first (ValueError naming it);
+    a reference without exactly one face raises motioncharacter.faces.FaceError (a ValueError)
+    unless ``face_index`` picks one. For the tiny preset use e.g. frames=8, height=width=64."""
+    with torch.inference_mode():
+        return pipe(image=image, prompt=prompt, negative_prompt=negative_prompt, action=action, intensity=intensity,
+                    id_scale=id_scale, motion_scale=motion_scale, num_inference_steps=steps,
+                    guidance_scale=guidance, num_frames=frames, height=height, width=width, seed=seed,
+                    face_index=face_index, progress=progress)
