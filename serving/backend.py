@@ -8,7 +8,6 @@ video, and stops between steps when the client cancels or the server time limit 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 import traceback
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from .pipeline import inference_api
 from .repository import resolve_weights
 from .request_args import Limits, parse
 
@@ -27,14 +27,6 @@ class _Stop(Exception):
     def __init__(self, message: str, code):
         super().__init__(message)
         self.code = code
-
-
-def _inference_api():
-    if importlib.util.find_spec("motioncharacter.model.inference") is not None:
-        return importlib.import_module("motioncharacter.model.inference")
-    from . import _standin  # TEMPORARY until the model package lands
-
-    return _standin
 
 
 def _error(message: str, code) -> "pb_utils.TritonError":
@@ -60,7 +52,7 @@ class TritonPythonModel:
             weights = str(local_copy(weights))
         gpu = args.get("model_instance_kind") == "GPU"
         device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
-        self.api = _inference_api()
+        self.api = inference_api()
         self.pipe = self.api.load_pipeline(weights=weights, preset=params.get("preset") or None, device=device,
                                            arcface_pack=params.get("arcface_pack") or None)
         pb_utils.Logger.log_info(f"{self.name}: pipeline loaded on {device} "

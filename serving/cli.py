@@ -81,8 +81,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     server = TritonServer(args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, host=args.host, log_verbose=args.log_verbose)
-    # Ctrl-C reaches only us (Triton runs in its own session); SIGTERM (e.g. from a pod) stops it the same way.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    # Ctrl-C reaches only us (Triton runs in its own session). Install the handler for SIGINT
+    # explicitly (a shell's background job inherits it ignored) and treat SIGTERM (a pod stop) alike.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         server.start(timeout_s=args.startup_timeout)
         print(f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}", flush=True)
