@@ -1,0 +1,25 @@
+#!/usr/bin/env sh
+# Create the platform's Secrets in the namespace with fresh random values (hex,
+# so they are URL-safe). Existing Secrets are left alone, so it is safe to re-run;
+# the values never touch the disk or the repository.
+#   usage: k8s/secrets/create-secrets.sh [NAMESPACE]
+set -eu
+ns="${1:-motioncharacter}"
+kubectl="${KUBECTL:-kubectl}"
+rand() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
+
+create() {  # name key=value...
+  name="$1"; shift
+  if "$kubectl" -n "$ns" get secret "$name" >/dev/null 2>&1; then
+    echo "secret/$name exists, left unchanged"
+    return
+  fi
+  # values go through stdin, never onto a command line
+  printf '%s\n' "$@" | "$kubectl" -n "$ns" create secret generic "$name" --from-env-file=/dev/stdin >/dev/null
+  echo "secret/$name created"
+}
+
+"$kubectl" get namespace "$ns" >/dev/null 2>&1 || "$kubectl" create namespace "$ns"
+create minio-root "MINIO_ROOT_USER=root-$(rand 4)" "MINIO_ROOT_PASSWORD=$(rand 24)"
+create s3-credentials "AWS_ACCESS_KEY_ID=mc-$(rand 8)" "AWS_SECRET_ACCESS_KEY=$(rand 24)"
+create mlflow-db "POSTGRES_USER=mlflow" "POSTGRES_PASSWORD=$(rand 24)" "POSTGRES_DB=mlflow"
