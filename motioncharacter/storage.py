@@ -12,6 +12,7 @@ them when the environment does not already set them.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -324,6 +325,16 @@ def cache_dir() -> Path:
     d = Path(os.environ.get("MOTIONCHARACTER_CACHE", Path.home() / ".cache" / "motioncharacter"))
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+@contextlib.contextmanager
+def local_file(uri: str) -> Iterator[Path]:
+    """A local path for one file for the duration of a ``with`` block (a temp download for s3://)."""
+    if not is_s3(uri):
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="mc-", dir=cache_dir()) as d:
+        yield download_file(uri, Path(d) / Path(parse_s3(uri)[1]).name)
 
 
 def local_copy(uri: str, workdir: str | Path | None = None) -> Path:

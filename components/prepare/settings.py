@@ -1,0 +1,66 @@
+"""Settings of the data-preparation stage; defaults in motioncharacter/configs/prepare.yaml."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingSettings:
+    fps: float = 4.0             # frames sampled per second (paper: 4)
+    num_frames: int = 16         # frames per clip for flow and training (paper: 16)
+    min_frames: int = 8          # clips shorter than this at `fps` are dropped
+
+
+@dataclass
+class FilterSettings:
+    min_short_side: int = 512          # paper: resolution >= 512
+    max_piqe: float = 80.0             # PIQE 81-100 is the "bad" band
+    clip_iqa_weights: str = ""         # CLIP weights folder/URI: use CLIP-IQA instead of PIQE
+    min_clip_iqa: float = 0.5
+    ocr: bool = True
+    ocr_frames: int = 2                # EasyOCR is ~1-2.5 s a frame on a CPU
+    max_text_fraction: float = 0.01    # of the frame area covered by text boxes
+    min_face_confidence: float = 0.8
+
+
+@dataclass
+class FlowSettings:
+    estimator: str = "dis"             # dis (OpenCV, no weights) or raft (weights required)
+    raft_weights: str = ""             # torchvision RAFT state dict (.safetensors), local or s3://
+    short_side: int = 256              # resolution the flow is computed at
+    mask_normalize: bool = True        # eq. 9 normalisation of f_fg to 0..255 per pair (see flow.py)
+
+
+@dataclass
+class CaptionSettings:
+    captioner: str = "offline"         # offline | vlm
+    url: str = ""                      # OpenAI-compatible endpoint, e.g. http://vlm:8000/v1
+    model: str = ""
+
+
+@dataclass
+class OutputSettings:
+    face_pool: int = 5                 # face crops per kept clip (random frames)
+    face_size: int = 224
+    frame_quality: int = 95            # JPEG quality of saved frames
+    bins: int = 10                     # intensity bins over 0..20 for resampling
+    seed: int = 0
+
+
+@dataclass
+class PrepareConfig:
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    filters: FilterSettings = field(default_factory=FilterSettings)
+    flow: FlowSettings = field(default_factory=FlowSettings)
+    caption: CaptionSettings = field(default_factory=CaptionSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    experiment: str = "motioncharacter-data"
+
+    def validate(self) -> None:
+        s = self.sampling
+        if s.fps <= 0 or s.num_frames < 2 or not 2 <= s.min_frames <= s.num_frames:
+            raise ValueError("sampling: need fps > 0 and 2 <= min_frames <= num_frames")
+        if self.flow.estimator not in ("dis", "raft"):
+            raise ValueError(f"flow.estimator must be dis or raft, not {self.flow.estimator!r}")
+        if self.caption.captioner not in ("offline", "vlm"):
+            raise ValueError(f"caption.captioner must be offline or vlm, not {self.caption.captioner!r}")

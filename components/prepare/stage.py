@@ -1,0 +1,331 @@
+"""The data-preparation stage: inputs (folder or s3:// prefix) -> OUT/manifest.jsonl + per-clip artifacts.
+
+Work happens in a local staging folder (OUT itself when it is local). Each input's
+artifacts are written first and its record (records/<key>.json) last, then both are
+copied to OUT when OUT is s3://: a crash never leaves a record without its artifacts,
+and a re-run skips every input whose record exists (key = content hash + settings hash).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from motioncharacter import storage
+from motioncharacter.config import flatten, to_dict
+from motioncharacter.faces import crop
+from motioncharacter.video import (IMAGE_SUFFIXES, VIDEO_SUFFIXES, VideoError, load_image, open_video, probe,
+                                   read_frames, sample_indices)
+
+from . import filters
+from .captions import Caption, make_captioner
+from .flow import REFERENCE_SHORT_SIDE, make_estimator, measure
+from .resample import balance_weights, cap, histogram_png
+from .settings import PrepareConfig
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+
+
+def settings_hash(cfg: PrepareConfig) -> str:
+    d = to_dict(cfg)
+    d.pop("experiment", None)
+    return hashlib.sha256(json.dumps([SCHEMA_VERSION, d], sort_keys=True).encode()).hexdigest()[:8]
+
+
+def content_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:20]
+
+
+class Dropped(Exception):
+    def __init__(self, reasons: list[str], info: dict | None = None):
+        super().__init__("; ".join(reasons))
+        self.reasons, self.info = reasons, info or {}
+
+
+@dataclass
+class Tools:
+    """Models loaded once per run."""
+    cfg: PrepareConfig
+
+    def __post_init__(self):
+        f = self.cfg.flow
+        self.estimator = make_estimator(f.estimator, f.raft_weights or None)
+        self.captioner = make_captioner(self.cfg.caption.captioner, self.cfg.caption.url, self.cfg.caption.model)
+        self.clip_iqa = filters.ClipIQA(self.cfg.filters.clip_iqa_weights) if self.cfg.filters.clip_iqa_weights else None
+
+
+def _evenly(n: int, k: int) -> list[int]:
+    return sorted(set(np.linspace(0, n - 1, min(k, n)).round().astype(int).tolist()))
+
+
+def _check_frames(frames: np.ndarray, cfg: PrepareConfig, tools: Tools, info: dict, reasons: list[str]) -> list:
+    """Faces, quality and text-overlay filters on sampled frames, after the ``reasons`` found
+    so far (all cheap checks run, for a full account); returns the face in each frame."""
+    fc = cfg.filters
+    reason, faces = filters.check_faces(frames, fc.min_face_confidence)
+    info["faces_per_frame"] = [len(f) for f in faces]
+    if reason:
+        reasons.append(reason)
+    reason, q = filters.check_quality(frames[len(frames) // 2], fc.max_piqe, tools.clip_iqa, fc.min_clip_iqa)
+    info.update(q)
+    if reason:
+        reasons.append(reason)
+    if fc.ocr and not reasons:  # OCR is the expensive one: skip it for clips already dropped
+        reason, t = filters.check_text(frames[_evenly(len(frames), fc.ocr_frames)], fc.max_text_fraction)
+        info.update(t)
+        if reason:
+            reasons.append(reason)
+    if reasons:
+        raise Dropped(reasons, info)
+    return [f[0] for f in faces]
+
+
+def _analyse_video(path: Path, cfg: PrepareConfig, tools: Tools, info: dict):
+    s = cfg.sampling
+    try:
+        vr = open_video(path)
+        vi = probe(vr)
+    except VideoError as e:
+        raise Dropped([f"unreadable: {e}"]) from None
+    info.update(width=vi.width, height=vi.height, source_fps=round(vi.fps, 3), source_frames=vi.num_frames)
+    reasons = []
+    r = filters.check_resolution(vi.width, vi.height, cfg.filters.min_short_side)
+    if r:
+        reasons.append(r)
+    idx = sample_indices(vi.num_frames, vi.fps, s.fps, s.num_frames)
+    if len(idx) < s.min_frames:
+        reasons.append(f"too_short: {len(idx)} frames at {s.fps} fps (< {s.min_frames}); {vi.duration:.1f} s long")
+    if not idx:
+        raise Dropped(reasons, info)
+    try:
+        frames = read_frames(vr, idx)
+    except VideoError as e:
+        raise Dropped(reasons + [f"unreadable: {path.name}: {e}"], info) from None
+    faces = _check_frames(frames, cfg, tools, info, reasons)
+    m_raw, _, masks = measure(frames, tools.estimator, cfg.flow.short_side, cfg.flow.mask_normalize)
+    caption = tools.captioner(frames, faces)
+    return frames, faces, m_raw, masks, caption, False
+
+
+def _analyse_image(path: Path, cfg: PrepareConfig, tools: Tools, info: dict):
+    try:
+        img = load_image(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise Dropped([f"unreadable: {e}"]) from None
+    h, w = img.shape[:2]
+    info.update(width=w, height=h)
+    r = filters.check_resolution(w, h, cfg.filters.min_short_side)
+    faces = _check_frames(img[None], cfg, tools, info, [r] if r else [])
+    n = cfg.sampling.num_frames
+    short = cfg.flow.short_side
+    mh, mw = (short, round(w * short / h)) if h <= w else (round(h * short / w), short)
+    masks = np.ones((n, mh, mw), np.float32)  # a static clip: no motion anywhere, eq. 9 gives 1.0
+    caption = Caption(caption="A close-up portrait photo of a person, keeping still and looking ahead.",
+                      action="", source="still")
+    return img[None], faces, 0.0, masks, caption, True
+
+
+def _save_artifacts(stage_dir: Path, clip_id: str, frames, faces, masks, cfg: PrepareConfig, key: str) -> dict:
+    """Frames as JPEG, masks as float16 npz, face pool crops; returns manifest paths (relative)."""
+    o = cfg.output
+    base = Path("clips") / clip_id
+    d = stage_dir / base
+    (d / "frames").mkdir(parents=True, exist_ok=True)
+    (d / "faces").mkdir(parents=True, exist_ok=True)
+    enc = [int(cv2.IMWRITE_JPEG_QUALITY), o.frame_quality]
+    frame_paths = []
+    for i, f in enumerate(frames):
+        p = base / "frames" / f"{i:03d}.jpg"
+        cv2.imwrite(str(stage_dir / p), cv2.cvtColor(f, cv2.COLOR_RGB2BGR), enc)
+        frame_paths.append(p.as_posix())
+    if len(frames) == 1:  # a still becomes a static clip of num_frames identical frames
+        frame_paths = frame_paths * cfg.sampling.num_frames
+    np.savez_compressed(d / "masks.npz", masks=masks.astype(np.float16))
+    rng = np.random.default_rng(int(key[:8], 16) ^ o.seed)
+    picks = sorted(rng.choice(len(frames), size=min(o.face_pool, len(frames)), replace=False).tolist())
+    face_paths = []
+    for i in picks:
+        p = base / "faces" / f"{i:03d}.jpg"
+        cv2.imwrite(str(stage_dir / p), cv2.cvtColor(crop(frames[i], faces[i], size=o.face_size), cv2.COLOR_RGB2BGR), enc)
+        face_paths.append(p.as_posix())
+    return {"frames": frame_paths, "masks": (base / "masks.npz").as_posix(), "faces": face_paths}
+
+
+def process_input(local: Path, name: str, key: str, cfg: PrepareConfig, tools: Tools, stage_dir: Path) -> dict:
+    """Analyse one input and write its artifacts; never raises for a bad input."""
+    rec = {"clip": name, "key": key, "kept": False, "reasons": [], "motion_intensity": None,
+           "caption": None, "action": None}
+    info: dict = {}
+    suffix = local.suffix.lower()
+    t0 = time.perf_counter()
+    try:
+        if suffix in VIDEO_SUFFIXES:
+            result = _analyse_video(local, cfg, tools, info)
+        elif suffix in IMAGE_SUFFIXES:
+            result = _analyse_image(local, cfg, tools, info)
+        else:
+            raise Dropped([f"unreadable: {name} is not a video or image (suffix {suffix or 'none'!r})"])
+        frames, faces, m_raw, masks, caption, still = result
+        clip_id = f"{Path(name).stem[:40]}-{key[:8]}"
+        paths = _save_artifacts(stage_dir, clip_id, frames, faces, masks, cfg, key)
+        rec.update(kept=True, motion_intensity=round(cap(m_raw), 4), motion_intensity_raw=round(m_raw, 4),
+                   caption=caption.caption, action=caption.action, caption_source=caption.source,
+                   still=still, num_frames=len(paths["frames"]), fps=cfg.sampling.fps, **paths)
+        if caption.signals:
+            info["facial_signals"] = {k: round(v, 4) for k, v in caption.signals.items()}
+    except Dropped as d:
+        rec["reasons"] = d.reasons
+        info.update(d.info)
+    except Exception as e:  # a bug or an unexpected decoder failure must not stop the batch
+        log.exception("unexpected failure on %s", name)
+        rec["reasons"] = [f"error: {type(e).__name__}: {e}"]
+    rec["info"] = info
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
+    return rec
+
+
+def _existing_records(output: str) -> dict[str, dict]:
+    """Records of inputs finished by earlier runs into the same output, by key."""
+    records_uri = storage.join(output, "records")
+    if not storage.is_s3(output) and not Path(records_uri).is_dir():
+        return {}
+    recs = {}
+    for uri in storage.list_files(records_uri):
+        if uri.endswith(".json"):
+            r = json.loads(storage.read_bytes(uri))
+            recs[r["key"]] = r
+    return recs
+
+
+def _contact_sheet(kept: list[dict], stage_dir: Path, path: Path, max_rows: int = 12) -> Path | None:
+    from motioncharacter.video import contact_sheet
+
+    rows, labels = [], []
+    for r in kept[:max_rows]:
+        imgs = [cv2.cvtColor(cv2.imread(str(stage_dir / r["faces"][0])), cv2.COLOR_BGR2RGB)]
+        for p in r["frames"][:: max(1, len(r["frames"]) // 6)][:6]:
+            imgs.append(cv2.cvtColor(cv2.imread(str(stage_dir / p)), cv2.COLOR_BGR2RGB))
+        rows.append(imgs)
+        labels.append(f"{r['clip']}  M={r['motion_intensity']:.1f}  action='{r['action']}'")
+    if not rows:
+        return None
+    contact_sheet(rows, labels, cell=112).save(path)
+    return path
+
+
+def prepare(input_uri: str, output_uri: str, cfg: PrepareConfig, *, track: bool = True, progress: bool = True) -> dict:
+    """Run the stage; returns the summary (also written to OUT/summary.json)."""
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    inputs = [u for u in storage.list_files(input_uri) if not Path(u).name.startswith(".")]
+    if not inputs:
+        raise ValueError(f"input {input_uri} holds no files")
+    remote = storage.is_s3(output_uri)
+    stage_dir = (storage.cache_dir() / "prepare" / hashlib.sha256(output_uri.encode()).hexdigest()[:16]
+                 if remote else Path(output_uri))
+    (stage_dir / "records").mkdir(parents=True, exist_ok=True)
+    done = _existing_records(output_uri)
+    shash = settings_hash(cfg)
+    tools: Tools | None = None
+    records, resumed = [], 0
+    bar = tqdm(inputs, desc="prepare", unit="clip", disable=not progress)
+    for uri in bar:
+        name = Path(uri).name
+        with storage.local_file(uri) as local:
+            key = f"{content_hash(local)}-{shash}"
+            if key in done:
+                rec, resumed = dict(done[key]), resumed + 1
+            else:
+                tools = tools or Tools(cfg)
+                rec = process_input(local, name, key, cfg, tools, stage_dir)
+                rec_rel = f"records/{key}.json"
+                if remote and rec["kept"]:  # artifacts first, record last: a crash in between only repeats work
+                    for p in sorted(set(rec["frames"] + rec["faces"] + [rec["masks"]])):
+                        storage.upload_file(stage_dir / p, storage.join(output_uri, p))
+                storage.write_bytes(storage.join(output_uri, rec_rel) if remote else str(stage_dir / rec_rel),
+                                    json.dumps(rec, indent=1).encode())
+                done[key] = rec
+        rec.update(clip=name, source=uri)
+        records.append(rec)
+        bar.set_postfix(kept=sum(r["kept"] for r in records), dropped=sum(not r["kept"] for r in records))
+
+    kept = [r for r in records if r["kept"]]
+    weights = balance_weights(np.array([r["motion_intensity"] for r in kept]), cfg.output.bins)
+    for r, w in zip(kept, weights):
+        r["sample_weight"] = round(float(w), 6)
+    manifest = "".join(json.dumps(r) + "\n" for r in records)
+    drop_counts: dict[str, int] = {}
+    for r in records:
+        for code in {filters.reason_code(x) for x in r["reasons"]}:
+            drop_counts[code] = drop_counts.get(code, 0) + 1
+    ms = np.array([r["motion_intensity"] for r in kept]) if kept else np.zeros(0)
+    summary = {
+        "input": input_uri, "output": output_uri, "inputs": len(records), "kept": len(kept),
+        "dropped": len(records) - len(kept), "dropped_by_reason": drop_counts, "resumed": resumed,
+        "stills": sum(bool(r.get("still")) for r in kept),
+        "motion_intensity": {"mean": float(ms.mean()) if ms.size else None,
+                             "median": float(np.median(ms)) if ms.size else None,
+                             "max": float(ms.max()) if ms.size else None,
+                             "scale": f"pixels of displacement per {1 / cfg.sampling.fps:.2f} s step at a "
+                                      f"{REFERENCE_SHORT_SIDE}-px short side, capped at 20"},
+        "flow_estimator": tools.estimator.name if tools else cfg.flow.estimator,
+        "captioner": cfg.caption.captioner, "settings_hash": shash,
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }
+    (stage_dir / "manifest.jsonl").write_text(manifest)
+    (stage_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    hist = histogram_png(ms, weights, stage_dir / "intensity_histogram.png", cfg.output.bins)
+    sheet = _contact_sheet(kept, stage_dir, stage_dir / "contact_sheet.png")
+    if remote:
+        for f in ("manifest.jsonl", "summary.json", "intensity_histogram.png", "contact_sheet.png"):
+            if (stage_dir / f).exists():
+                storage.upload_file(stage_dir / f, storage.join(output_uri, f))
+    if track:
+        _log_run(cfg, summary, stage_dir, [hist, sheet])
+    return summary
+
+
+def _log_run(cfg: PrepareConfig, summary: dict, stage_dir: Path, images: list) -> None:
+    import mlflow
+
+    from motioncharacter import tracking
+
+    with tracking.run(cfg.experiment, run_name="prepare", tags={"stage": "prepare"}) as run:
+        params = flatten(to_dict(cfg))
+        params.update({"input": summary["input"], "output": summary["output"]})
+        mlflow.log_params(params)
+        mlflow.log_metrics({"inputs": summary["inputs"], "kept": summary["kept"], "dropped": summary["dropped"],
+                            **{f"dropped.{k}": v for k, v in summary["dropped_by_reason"].items()},
+                            **({"motion_intensity.mean": summary["motion_intensity"]["mean"]}
+                               if summary["kept"] else {})})
+        for f in ("manifest.jsonl", "summary.json"):
+            mlflow.log_artifact(str(stage_dir / f))
+        for img in images:
+            if img:
+                mlflow.log_artifact(str(img))
+        summary["mlflow_run_id"] = run.info.run_id
+
+
+def write_summary_table(summary: dict) -> str:
+    lines = [f"inputs {summary['inputs']}  kept {summary['kept']}  dropped {summary['dropped']}"
+             f"  (resumed {summary['resumed']})"]
+    for code, n in sorted(summary["dropped_by_reason"].items()):
+        lines.append(f"  dropped for {code:<13} {n}")
+    mi = summary["motion_intensity"]
+    if mi["mean"] is not None:
+        lines.append(f"motion intensity mean {mi['mean']:.2f}  median {mi['median']:.2f}  max {mi['max']:.2f}  ({mi['scale']})")
+    return "\n".join(lines)
+
+
