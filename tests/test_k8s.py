@@ -1,0 +1,394 @@
+"""The Kubernetes manifests: every overlay renders and validates offline, and the
+properties that matter in production hold in what is rendered (not in the source
+files, so overlay patches are checked too)."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+
+_spec = importlib.util.spec_from_file_location("k8s_validate", K8S / "validate.py")
+kv = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kv)
+
+SERVICE_OVERLAYS = ["overlays/local", "overlays/production"]
+TRAINING_OVERLAYS = ["training/overlays/local", "training/overlays/production"]
+PROJECT_IMAGE = "ghcr.io/motioncharacter/motioncharacter"
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+SECRET_NAME_RE = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN", re.I)
+
+
+def _tools_or_skip():
+    try:
+        kv.find_tool("kubectl")
+        kv.find_tool("kubernetes-validate")
+    except kv.ToolMissing as e:
+        pytest.skip(f"offline Kubernetes validation needs its tools: {e}")
+
+
+_renders: dict[str, list[dict]] = {}
+
+
+def rendered(overlay: str) -> list[dict]:
+    _tools_or_skip()
+    if overlay not in _renders:
+        _renders[overlay] = kv.documents(kv.render(overlay))
+    return copy.deepcopy(_renders[overlay])
+
+
+def find(docs, kind, name=None):
+    out = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert out, f"no {kind} {name or ''} in render"
+    return out[0] if name else out
+
+
+def pod_specs(docs):
+    """(owner, pod spec) for every workload, PyTorchJob replicas included."""
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet", "Job"):
+            yield f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]
+        elif d["kind"] == "PyTorchJob":
+            for r, spec in d["spec"]["pytorchReplicaSpecs"].items():
+                yield f"PyTorchJob/{d['metadata']['name']}/{r}", spec["template"]["spec"]
+
+
+def containers(spec):
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def volume(spec, name):
+    return next(v for v in spec["volumes"] if v["name"] == name)
+
+
+def mount_path(container, name):
+    return next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == name)
+
+
+def env(container):
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+# --- offline validation ---------------------------------------------------------------
+
+def test_validate_script_passes_every_overlay():
+    """The exact command CI runs: render + strict schema validation of all overlays."""
+    _tools_or_skip()
+    out = subprocess.run([sys.executable, str(K8S / "validate.py")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for overlay in kv.OVERLAYS:
+        assert f"ok   {overlay}:" in out.stdout
+
+
+def test_validator_rejects_unknown_fields_unknown_kinds_and_bad_pytorchjobs():
+    """The check is not a no-op: each kind of mistake it exists for is caught."""
+    docs = rendered("overlays/local")
+    deploy = find(docs, "Deployment", "triton")
+    deploy["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGett"] = {}
+    problems, _ = kv.kubernetes_validate([deploy])
+    assert any("httpGett" in p for p in problems)
+
+    # kubernetes-validate alone only warns about kinds it has no schema for
+    problems, _ = kv.kubernetes_validate([{"apiVersion": "apps/v1", "kind": "Deploymnet",
+                                           "metadata": {"name": "x"}}])
+    assert any("Couldn't find schema" in p for p in problems)
+
+    job = find(rendered("training/overlays/local"), "PyTorchJob", "motioncharacter-train")
+    job["spec"]["pytorchReplicaSpecs"]["Chief"] = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    job["spec"]["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] = "Sometimes"
+    problems = kv._check_custom(job, kv.CUSTOM_SCHEMAS[("kubeflow.org/v1", "PyTorchJob")])
+    assert any("Chief" in p for p in problems) and any("Sometimes" in p for p in problems)
+
+    # a broken pod template inside the PyTorchJob is caught by the core schema
+    tpl = kv._pod_templates(job)[0]
+    tpl["template"]["spec"]["containers"][0]["volumeMounts"][0]["mountpath"] = "/x"
+    problems, _ = kv.kubernetes_validate([tpl])
+    assert any("mountpath" in p for p in problems)
+
+
+# --- Triton -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overlay", SERVICE_OVERLAYS)
+def test_triton_deployment(overlay):
+    docs = rendered(overlay)
+    spec = find(docs, "Deployment", "triton")["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert c["image"] == TRITON_IMAGE
+
+    shm = volume(spec, "dshm")["emptyDir"]
+    assert shm["medium"] == "Memory" and shm["sizeLimit"]
+    assert mount_path(c, "dshm") == "/dev/shm"
+    assert "emptyDir" in volume(spec, "tmp") and mount_path(c, "tmp") == "/tmp"
+
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert "--strict-readiness=true" in c["args"]
+
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+    # model repository in MinIO, read by Triton itself: s3://host:port/bucket/path
+    assert "--model-repository=$(MODEL_REPOSITORY)" in c["args"]
+    repo = find(docs, "ConfigMap", "triton-config")["data"]["MODEL_REPOSITORY"]
+    assert re.fullmatch(r"s3://minio\.motioncharacter\.svc\.cluster\.local:9000/models/[\w-]+", repo)
+    e = env(c)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert e[key]["valueFrom"]["secretKeyRef"] == {"name": "s3-credentials", "key": key}
+
+    svc = find(docs, "Service", "triton")
+    assert {p["port"] for p in svc["spec"]["ports"]} == {8000, 8001, 8002}
+
+
+def test_production_triton_is_on_gpus_and_autoscaled():
+    docs = rendered("overlays/production")
+    spec = find(docs, "Deployment", "triton")["spec"]["template"]["spec"]
+    res = spec["containers"][0]["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == 1 and res["requests"]["nvidia.com/gpu"] == 1
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert volume(spec, "dshm")["emptyDir"]["sizeLimit"] == "8Gi"
+
+    hpa = find(docs, "HorizontalPodAutoscaler", "triton")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "triton"}
+    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == "triton_queue_time_us_per_request"
+    assert "replicas" not in find(docs, "Deployment", "triton")["spec"]  # the HPA owns it
+
+
+def test_local_triton_is_cpu_only_single_replica_without_autoscaler():
+    docs = rendered("overlays/local")
+    deploy = find(docs, "Deployment", "triton")
+    assert deploy["spec"]["replicas"] == 1
+    spec = deploy["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in str(spec)
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    assert find(docs, "ConfigMap", "triton-config")["data"]["MODEL_REPOSITORY"].endswith("/models/triton-cpu")
+
+
+# --- MinIO and MLflow --------------------------------------------------------------------
+
+@pytest.mark.parametrize("overlay,minio_size,db_size", [("overlays/local", "5Gi", "1Gi"),
+                                                        ("overlays/production", "2Ti", "50Gi")])
+def test_minio_and_mlflow(overlay, minio_size, db_size):
+    docs = rendered(overlay)
+    minio = find(docs, "StatefulSet", "minio")
+    assert minio["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == minio_size
+    pg = find(docs, "StatefulSet", "mlflow-postgres")
+    assert pg["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == db_size
+
+    (c,) = find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == f"{PROJECT_IMAGE}:0.1.0"  # the CPU image, on every cluster
+    assert "--serve-artifacts" in c["args"] and "--artifacts-destination=s3://mlflow" in c["args"]
+    e = env(c)
+    # the database URL is assembled from Secret values by Kubernetes, never written down
+    assert e["MLFLOW_BACKEND_STORE_URI"]["value"] == \
+        "postgresql://$(DB_USER):$(DB_PASSWORD)@mlflow-postgres:5432/$(DB_NAME)"
+    names = list(e)
+    assert names.index("DB_PASSWORD") < names.index("MLFLOW_BACKEND_STORE_URI")  # $(VAR) needs the order
+    assert e["MLFLOW_S3_ENDPOINT_URL"]["valueFrom"]["configMapKeyRef"]["key"] == "MLFLOW_S3_ENDPOINT_URL"
+    endpoints = find(docs, "ConfigMap", "motioncharacter-endpoints")["data"]
+    assert endpoints["MLFLOW_S3_ENDPOINT_URL"] == "http://minio.motioncharacter.svc.cluster.local:9000"
+    assert endpoints["MLFLOW_TRACKING_URI"] == "http://mlflow.motioncharacter.svc.cluster.local:5000"
+    # MLflow 3 answers only the Host headers it allows: the in-cluster service names
+    allowed = e["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"].split(",")
+    assert "mlflow.motioncharacter.svc.cluster.local:5000" in allowed and "mlflow:5000" in allowed
+
+
+# --- training --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overlay", TRAINING_OVERLAYS)
+def test_pytorchjob(overlay):
+    docs = rendered(overlay)
+    job = find(docs, "PyTorchJob", "motioncharacter-train")
+    assert job["apiVersion"] == "kubeflow.org/v1"
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert set(replicas) == {"Master", "Worker"}
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] >= 1
+    config_maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    production = overlay.endswith("production")
+    nproc = int(job["spec"]["nprocPerNode"])
+    for r in ("Master", "Worker"):
+        spec = replicas[r]["template"]["spec"]
+        (c,) = spec["containers"]
+        assert c["name"] == "pytorch"  # the operator finds the container by this name
+        assert c["command"] == ["torchrun"]
+        args = c["args"]
+        assert args[:3] == ["--no-python", "motioncharacter", "train"]
+        assert "--config=/etc/motioncharacter/train.yaml" in args
+        assert any(a.startswith("--data=s3://") for a in args)
+        assert any(a.startswith("--output=s3://") for a in args)
+        assert mount_path(c, "config") == "/etc/motioncharacter"
+        assert volume(spec, "config")["configMap"]["name"] in config_maps
+        assert volume(spec, "dshm")["emptyDir"]["medium"] == "Memory"
+        assert mount_path(c, "dshm") == "/dev/shm"
+        e = env(c)
+        assert "NCCL_DEBUG" in e and "TORCH_NCCL_ASYNC_ERROR_HANDLING" in e
+        assert e["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-credentials"
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["terminationGracePeriodSeconds"] >= 60  # time to checkpoint on SIGTERM
+        gpus = c["resources"].get("limits", {}).get("nvidia.com/gpu")
+        if production:
+            assert c["image"] == f"{PROJECT_IMAGE}:0.1.0-cuda"
+            assert gpus == nproc == 8  # one process per GPU
+            assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        else:
+            assert c["image"] == f"{PROJECT_IMAGE}:0.1.0"
+            assert gpus is None and nproc == 1
+            assert e["DS_ACCELERATOR"]["value"] == "cpu"
+    train_yaml = yaml.safe_load(config_maps["motioncharacter-train-config"]["data"]["train.yaml"])
+    assert isinstance(train_yaml, dict)
+
+
+# --- security properties across every workload ------------------------------------------
+
+@pytest.mark.parametrize("overlay", SERVICE_OVERLAYS + TRAINING_OVERLAYS)
+def test_every_pod_is_non_root_and_locked_down(overlay):
+    docs = rendered(overlay)
+    seen = 0
+    for owner, spec in pod_specs(docs):
+        seen += 1
+        assert spec["securityContext"]["runAsNonRoot"] is True, owner
+        assert spec["securityContext"]["runAsUser"] != 0, owner
+        assert spec.get("automountServiceAccountToken") is False, owner
+        for c in containers(spec):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, owner
+            assert sc["capabilities"]["drop"] == ["ALL"], owner
+            assert sc["readOnlyRootFilesystem"] is True, owner
+            assert c["resources"]["requests"], owner
+            image, _, tag = c["image"].rpartition(":")
+            assert image and tag and tag != "latest" and "/" not in tag, (owner, c["image"])
+    assert seen >= (2 if "training" in overlay else 5)
+
+
+def _secret_templates() -> dict[str, dict]:
+    out = {}
+    for f in sorted((K8S / "secrets").glob("*.yaml")):
+        doc = yaml.safe_load(f.read_text())
+        out[doc["metadata"]["name"]] = doc
+    return out
+
+
+def test_secret_templates_hold_only_placeholders():
+    templates = _secret_templates()
+    assert set(templates) == {"s3-credentials", "minio-root", "mlflow-db"}
+    for name, doc in templates.items():
+        assert doc["kind"] == "Secret" and "data" not in doc, name
+        assert doc["metadata"]["annotations"]["motioncharacter.io/template"] == "true"
+        assert doc["stringData"] and set(doc["stringData"].values()) == {"CHANGE_ME"}, name
+        text = (K8S / "secrets" / f"{name}.yaml").read_text()
+        assert text.startswith("# TEMPLATE ONLY"), name
+
+
+@pytest.mark.parametrize("overlay", SERVICE_OVERLAYS + TRAINING_OVERLAYS)
+def test_secrets_are_referenced_never_rendered(overlay):
+    docs = rendered(overlay)
+    assert not [d for d in docs if d["kind"] == "Secret"], "a render must not carry Secret objects"
+    assert "CHANGE_ME" not in yaml.safe_dump_all(docs)
+    templates = _secret_templates()
+    refs = 0
+    for owner, spec in pod_specs(docs):
+        for c in containers(spec):
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    refs += 1
+                    # every reference has a template, so `create-secrets.sh` or a filled
+                    # template satisfies it
+                    assert ref["key"] in templates[ref["name"]]["stringData"], (owner, ref)
+                elif SECRET_NAME_RE.search(e["name"]):
+                    pytest.fail(f"{owner}: {e['name']} is set literally, not from a Secret")
+    assert refs >= 2
+
+
+def test_config_map_references_resolve():
+    base = rendered("overlays/production")
+    for overlay in SERVICE_OVERLAYS + TRAINING_OVERLAYS:
+        docs = rendered(overlay)
+        # training runs beside the services, so it may use their ConfigMaps
+        maps = {d["metadata"]["name"]: d["data"] for d in docs + base if d["kind"] == "ConfigMap"}
+        for owner, spec in pod_specs(docs):
+            for c in containers(spec):
+                for e in c.get("env", []):
+                    ref = e.get("valueFrom", {}).get("configMapKeyRef")
+                    if ref:
+                        assert ref["key"] in maps[ref["name"]], (overlay, owner, ref)
+
+
+# --- network policies and RBAC ---------------------------------------------------------------
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+@pytest.mark.parametrize("overlay", SERVICE_OVERLAYS)
+def test_network_policies_deny_by_default_and_open_each_service(overlay):
+    docs = rendered(overlay)
+    policies = find(docs, "NetworkPolicy")
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")]
+    assert deny and deny[0]["spec"]["policyTypes"] == ["Ingress"]
+
+    # default deny must not silently cut a Service off: each port is allowed by a policy
+    workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    for svc in find(docs, "Service"):
+        pods = [w for w in workloads
+                if _selects({"matchLabels": svc["spec"]["selector"]}, w["spec"]["template"]["metadata"]["labels"])]
+        assert pods, svc["metadata"]["name"]
+        labels = pods[0]["spec"]["template"]["metadata"]["labels"]
+        target_ports = {p["name"]: p["containerPort"] for c in pods[0]["spec"]["template"]["spec"]["containers"]
+                        for p in c["ports"]}
+        allowed = {pt["port"] for p in policies if p["spec"]["podSelector"] and _selects(p["spec"]["podSelector"], labels)
+                   for rule in p["spec"].get("ingress", []) for pt in rule.get("ports", [])}
+        for port in svc["spec"]["ports"]:
+            assert target_ports[port["targetPort"]] in allowed, (svc["metadata"]["name"], port)
+
+    # the database only from MLflow
+    (pg,) = [p for p in policies if _selects(p["spec"]["podSelector"], {"app.kubernetes.io/name": "mlflow-postgres"})
+             and p["spec"]["podSelector"]]
+    assert pg["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}]
+    # training pods reach each other on any port (NCCL picks its own)
+    train = next(p for p in policies if p["metadata"]["name"] == "training-peers")
+    assert "ports" not in train["spec"]["ingress"][0]
+    pt_labels = find(rendered("training/overlays/production"), "PyTorchJob")[0]["spec"]["pytorchReplicaSpecs"][
+        "Worker"]["template"]["metadata"]["labels"]
+    assert _selects(train["spec"]["podSelector"], pt_labels)
+
+
+def test_pipeline_rbac_is_least_privilege():
+    docs = rendered("overlays/production")
+    role = find(docs, "Role", "motioncharacter-pipeline")
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r for r in role["rules"]}
+    secrets = rules[(("",), ("secrets",))]
+    assert secrets["verbs"] == ["get"] and secrets["resourceNames"]
+    assert "s3-credentials" in secrets["resourceNames"]
+    assert set(rules[(("",), ("pods",))]["verbs"]) >= {"get", "watch", "create"}
+    assert "create" in rules[(("",), ("persistentvolumeclaims",))]["verbs"]
+    assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in role["rules"])
+    binding = find(docs, "RoleBinding", "motioncharacter-pipeline")
+    assert binding["roleRef"]["name"] == "motioncharacter-pipeline"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "motioncharacter-pipeline",
+                                    "namespace": "motioncharacter"}]
+    find(docs, "ServiceAccount", "motioncharacter-pipeline")
+
+
+def test_everything_lives_in_the_namespace():
+    for overlay in SERVICE_OVERLAYS + TRAINING_OVERLAYS:
+        for d in rendered(overlay):
+            if d["kind"] == "Namespace":
+                assert d["metadata"]["name"] == "motioncharacter"
+            else:
+                assert d["metadata"]["namespace"] == "motioncharacter", (overlay, d["kind"], d["metadata"]["name"])
