@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "motioncharacter.stack",
     "motioncharacter.components.prepare.cli",
     "motioncharacter.serving.cli",
+    "motioncharacter.model.cli",
 ]
 
 

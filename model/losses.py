@@ -1,0 +1,143 @@
+"""Training losses of MotionCharacter (paper eq. 4, 9, 10, 11). Pure tensor functions.
+
+Shapes follow UNetMotionModel: noise tensors are (B, C, F, h, w) latents.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def normalize_flow_mask(f_fg):
+    """Eq. 9: M_norm = clip(f_fg / 255 + 0.5, 1.0, 1.5) of the foreground flow magnitude."""
+    if isinstance(f_fg, torch.Tensor):
+        return (f_fg / 255.0 + 0.5).clamp(1.0, 1.5)
+    return np.clip(np.asarray(f_fg, dtype=np.float32) / 255.0 + 0.5, 1.0, 1.5)
+
+
+def resize_masks(masks, size: tuple[int, int], batch: int | None = None) -> torch.Tensor:
+    """(F, H, W) or (B, F, H, W) masks at any resolution -> (B, 1, F, h, w) at the latent size.
+
+    Area interpolation averages the pixels under each latent cell, so values stay in [1, 1.5].
+    """
+    m = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks, dtype=torch.float32)
+    if m.ndim == 3:
+        m = m[None]
+    if m.ndim != 4:
+        raise ValueError(f"masks must be (F, H, W) or (B, F, H, W), got shape {tuple(m.shape)}")
+    if batch is not None and m.shape[0] == 1 and batch > 1:
+        m = m.expand(batch, -1, -1, -1)
+    if tuple(m.shape[-2:]) != tuple(size):
+        m = F.interpolate(m, size=size, mode="area")
+    return m[:, None]
+
+
+def region_aware_loss(noise_pred: torch.Tensor, noise: torch.Tensor, masks=None) -> torch.Tensor:
+    """Eq. 10: mean over frames and latent positions of M_norm * (eps - eps_hat)^2.
+
+    Also averaged over batch and latent channels, so masks of ones give exactly the usual
+    MSE diffusion loss. ``masks`` are data preparation's normalised masks (values in
+    [1, 1.5]), shape (F, H, W) or (B, F, H, W), at any resolution; ``None`` means ones.
+    """
+    if noise_pred.shape != noise.shape or noise.ndim != 5:
+        raise ValueError(f"noise tensors must both be (B, C, F, h, w), got {tuple(noise_pred.shape)} "
+                         f"and {tuple(noise.shape)}")
+    sq = (noise.float() - noise_pred.float()) ** 2
+    if masks is None:
+        return sq.mean()
+    m = resize_masks(masks, noise.shape[-2:], batch=noise.shape[0]).to(sq.device)
+    if m.shape[0] != noise.shape[0] or m.shape[2] != noise.shape[2]:
+        raise ValueError(f"masks cover {m.shape[0]} clip(s) x {m.shape[2]} frames but the noise is "
+                         f"{noise.shape[0]} x {noise.shape[2]}")
+    return (m * sq).mean()
+
+
+def id_consistency_loss(ref_embedding: torch.Tensor, frame_embeddings: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: 1 - mean_i cos(phi(I), phi(X_i)).
+
+    ``ref_embedding`` (d,) or (B, d); ``frame_embeddings`` (N, d) or (B, N, d).
+    """
+    ref = ref_embedding if ref_embedding.ndim == 2 else ref_embedding[None]
+    frames = frame_embeddings if frame_embeddings.ndim == 3 else frame_embeddings[None]
+    cos = F.cosine_similarity(frames.float(), ref[:, None].float(), dim=-1)
+    return 1.0 - cos.mean()
+
+
+def ddim_x0(z_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """DDIM's clean-latent estimate z0 = (z_t - sqrt(1 - a) eps) / sqrt(a), a = alpha_bar_t per sample."""
+    a = torch.as_tensor(alpha_bar_t, dtype=z_t.dtype, device=z_t.device).reshape(-1, *([1] * (z_t.ndim - 1)))
+    return (z_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def decode_frames(vae, z0: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, h, w) latents -> (B, F, 3, H, W) images in [-1, 1] (differentiable)."""
+    b, c, f, h, w = z0.shape
+    x = vae.decode(z0.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w) / vae.config.scaling_factor).sample
+    return x.reshape(b, f, *x.shape[1:])
+
+
+def id_consistency_from_prediction(z_t, eps_pred, timesteps, alphas_cumprod, vae, face_model, ref_embedding,
+                                   frame_stride: int = 1, box: tuple[float, float, float, float] | None = None):
+    """Eq. 4 end to end: DDIM x0 estimate at t, VAE decode, embed the face in each frame.
+
+    ``face_model`` is a differentiable embedder (see ``TorchFaceEmbedder``); ``box`` is the
+    face region (x0, y0, x1, y1) as fractions of the frame (e.g. the reference's face box
+    for a talking-head clip), the whole frame when None. ``frame_stride`` > 1 decodes
+    every n-th frame only, to save memory.
+    """
+    a = alphas_cumprod.to(z_t.device)[timesteps]
+    z0 = ddim_x0(z_t, eps_pred, a)[:, :, ::frame_stride]
+    frames = decode_frames(vae, z0)
+    b, n = frames.shape[:2]
+    x = frames.reshape(b * n, *frames.shape[2:])
+    if box is not None:
+        H, W = x.shape[-2:]
+        x0, y0, x1, y1 = box
+        x = x[..., int(y0 * H):max(int(y0 * H) + 1, int(math.ceil(y1 * H))),
+              int(x0 * W):max(int(x0 * W) + 1, int(math.ceil(x1 * W)))]
+    emb = face_model(x).reshape(b, n, -1)
+    return id_consistency_loss(ref_embedding, emb)
+
+
+def total_loss(region_loss: torch.Tensor, id_loss: torch.Tensor, beta: float) -> torch.Tensor:
+    """Eq. 11: L_total = L_R + beta * L_id."""
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    return region_loss + beta * id_loss
+
+
+class TorchFaceEmbedder(nn.Module):
+    """Interface of a differentiable face embedder phi for eq. 4: images (N, 3, H, W) in
+    [-1, 1] -> (N, dim) embeddings. Subclasses set ``name`` and ``dim``; the reference
+    embedding phi(I) must come from the same model."""
+
+    name = "abstract"
+    dim = 0
+    input_size = 112
+
+
+class TinyFaceEncoder(TorchFaceEmbedder):
+    """A small random CNN used by the tiny preset and the tests to exercise the gradient
+    path of eq. 4. It is NOT a face recognizer: its similarities mean nothing. Real
+    training needs a torch port of ArcFace (the SFace/ArcFace ONNX models used elsewhere
+    are not differentiable from torch)."""
+
+    name = "tiny-random"
+
+    def __init__(self, dim: int = 128, input_size: int = 32, seed: int = 0):
+        super().__init__()
+        self.dim, self.input_size = dim, input_size
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(
+                nn.Conv2d(3, 16, 3, 2, 1), nn.SiLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.SiLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, dim),
+            )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return F.normalize(self.net(x), dim=-1)
