@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,7 @@ _spec.loader.exec_module(kv)
 SERVICE_OVERLAYS = ["overlays/local", "overlays/production"]
 TRAINING_OVERLAYS = ["training/overlays/local", "training/overlays/production"]
 PROJECT_IMAGE = "ghcr.io/motioncharacter/motioncharacter"
-TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+TRITON_IMAGE = "ghcr.io/motioncharacter/motioncharacter-triton:0.1.0"  # docker/Dockerfile.triton
 SECRET_NAME_RE = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN", re.I)
 
 
@@ -392,3 +395,122 @@ def test_everything_lives_in_the_namespace():
                 assert d["metadata"]["name"] == "motioncharacter"
             else:
                 assert d["metadata"]["namespace"] == "motioncharacter", (overlay, d["kind"], d["metadata"]["name"])
+
+
+# --- Triton reads the s3:// model repository exactly as the Deployment tells it to -----------
+
+ECHO_CONFIG = """name: "echo"
+backend: "python"
+max_batch_size: 0
+input [ { name: "IN" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 2 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+ECHO_MODEL = """import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "IN").as_numpy()
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", x * 2)]))
+        return out
+"""
+
+
+@pytest.fixture(scope="module")
+def s3_only(tmp_path_factory):
+    from motioncharacter.stack import CRED_VARS, Stack
+
+    s = Stack(tmp_path_factory.mktemp("k8s-s3"), s3_port=0, mlflow_port=0, bucket="models")
+    with pytest.MonkeyPatch.context() as mp:
+        for var in CRED_VARS:
+            mp.delenv(var, raising=False)
+        s.up(only="s3")
+    yield s
+    s.down()
+
+
+@pytest.mark.services
+def test_triton_loads_the_s3_repository_named_in_the_manifest(s3_only, tmp_path):
+    """The Triton build the project pins (2.51, the release in tritonserver:24.10) loads a model
+    repository from the object store given the local overlay's MODEL_REPOSITORY with only the
+    host:port swapped, credentials from AWS_* in the environment as the Secret provides them; the
+    wrong secret key leaves the server unready."""
+    import json
+    import urllib.request
+
+    import io
+
+    from minio import Minio
+
+    from motioncharacter.serving.server import backend_dir, free_port, server_env, tritonserver_binary
+
+    repo = find(rendered("overlays/local"), "ConfigMap", "triton-config")["data"]["MODEL_REPOSITORY"]
+    hostport = s3_only.s3_endpoint.split("://", 1)[1]
+    repo = repo.replace("minio.motioncharacter.svc.cluster.local:9000", hostport)
+    bucket, prefix = repo.split("/", 3)[3].split("/", 1)
+    creds = s3_only.env()
+    client = Minio(hostport, access_key=creds["AWS_ACCESS_KEY_ID"], secret_key=creds["AWS_SECRET_ACCESS_KEY"],
+                   secure=False)
+    for key, text in {"echo/config.pbtxt": ECHO_CONFIG, "echo/1/model.py": ECHO_MODEL}.items():
+        data = text.encode()
+        client.put_object(bucket, f"{prefix}/{key}", io.BytesIO(data), len(data))
+
+    def run(secret: str, log_name: str):
+        http = free_port()
+        env = server_env({k: v for k, v in os.environ.items() if not k.startswith("AWS_")})
+        env.update(AWS_ACCESS_KEY_ID=creds["AWS_ACCESS_KEY_ID"], AWS_SECRET_ACCESS_KEY=secret,
+                   AWS_DEFAULT_REGION="us-east-1", TMPDIR=str(tmp_path))
+        cmd = [str(tritonserver_binary()), f"--model-repository={repo}", f"--backend-directory={backend_dir()}",
+               "--http-address=127.0.0.1", f"--http-port={http}", f"--grpc-port={free_port()}",
+               f"--metrics-port={free_port()}", "--strict-readiness=true", "--exit-on-error=true",
+               "--exit-timeout-secs=5"]
+        log = open(tmp_path / log_name, "wb")
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return proc, http, log
+
+    def ready(http):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(proc, log):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        log.close()
+
+    proc, http, log = run(creds["AWS_SECRET_ACCESS_KEY"], "good.log")
+    try:
+        deadline = time.monotonic() + 120
+        while not ready(http):
+            assert proc.poll() is None, (tmp_path / "good.log").read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "Triton not ready in 120 s"
+            time.sleep(0.25)
+        body = json.dumps({"inputs": [{"name": "IN", "shape": [2], "datatype": "FP32", "data": [1.5, -2.0]}]})
+        req = urllib.request.Request(f"http://127.0.0.1:{http}/v2/models/echo/infer", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            out = json.loads(r.read())["outputs"][0]
+        assert out["name"] == "OUT" and out["data"] == [3.0, -4.0]
+    finally:
+        stop(proc, log)
+
+    proc, http, log = run("not-the-secret", "bad.log")
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            assert not ready(http), "Triton became ready with a wrong secret key"
+            time.sleep(0.25)
+        assert proc.poll() is not None, "with a wrong key Triton should fail to load and exit (--exit-on-error)"
+        assert proc.returncode != 0
+    finally:
+        stop(proc, log)

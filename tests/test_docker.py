@@ -1,0 +1,206 @@
+"""The container images cannot be built here (no Docker engine), so their Dockerfiles are
+parsed and checked for what matters: pinned bases, dependencies exactly as pinned in
+pyproject, a non-root user that matches the Kubernetes manifests, the right entry point,
+and a build context that carries what the build copies and nothing it must not."""
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+IMAGES = {  # Dockerfile -> expected base image family
+    "Dockerfile": r"python:3\.11\.\d+-slim-bookworm",
+    "Dockerfile.cuda": r"nvidia/cuda:\d+\.\d+\.\d+-runtime-ubuntu\d\d\.\d\d",
+    "Dockerfile.triton": r"nvcr\.io/nvidia/tritonserver:24\.10-py3",
+}
+ENTRYPOINTS = {"Dockerfile": ["motioncharacter"], "Dockerfile.cuda": ["motioncharacter"],
+               "Dockerfile.triton": ["tritonserver"]}
+
+
+def parse_dockerfile(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs: comments dropped, backslash continuations joined."""
+    out, buf = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if buf and line.startswith("#"):  # comment lines inside a continuation are skipped
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1].rstrip() + " "
+            continue
+        buf += line
+        instr, _, args = buf.strip().partition(" ")
+        out.append((instr.upper(), args.strip()))
+        buf = ""
+    if buf.strip():
+        raise ValueError("Dockerfile ends inside a line continuation")
+    return out
+
+
+def instructions(name: str) -> list[tuple[str, str]]:
+    return parse_dockerfile((DOCKER / name).read_text())
+
+
+def test_parser_on_a_hand_written_case():
+    text = "# c\nFROM a:1 AS b\n\nRUN x \\\n  # note\n  && y\nENTRYPOINT [\"m\"]\n"
+    assert parse_dockerfile(text) == [("FROM", "a:1 AS b"), ("RUN", "x && y"), ("ENTRYPOINT", '["m"]')]
+    with pytest.raises(ValueError):
+        parse_dockerfile("RUN a \\\n")
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_base_image_is_pinned(name):
+    froms = [args for instr, args in instructions(name) if instr == "FROM"]
+    assert len(froms) == 1, froms
+    image = froms[0].split()[0]
+    assert "$" not in image, "the base must be fixed in the file, not a build argument"
+    repo, _, tag = image.rpartition(":")
+    assert repo and tag and tag != "latest" and "/" not in tag, image
+    assert re.fullmatch(IMAGES[name], image), image
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_runs_as_the_non_root_user_the_manifests_expect(name):
+    ins = instructions(name)
+    users = [args for instr, args in ins if instr == "USER"]
+    assert users, "no USER: the image would run as root"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, "numeric non-root uid, so runAsNonRoot can verify it"
+    last_user = max(i for i, (instr, _) in enumerate(ins) if instr == "USER")
+    assert not [a for instr, a in ins[last_user:] if instr == "RUN"], "nothing may run after the final USER"
+    # the Kubernetes pods that use this image run as the same uid
+    k8s_files = {"Dockerfile": ["base/mlflow.yaml", "training/base/pytorchjob.yaml"],
+                 "Dockerfile.cuda": ["training/base/pytorchjob.yaml"], "Dockerfile.triton": ["base/triton.yaml"]}
+    for f in k8s_files[name]:
+        uids = {int(m) for m in re.findall(r"runAsUser: (\d+)", (ROOT / "k8s" / f).read_text())}
+        assert uids == {int(uid)}, (f, uids)
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_entrypoint_is_exec_form(name):
+    ins = instructions(name)
+    entry = [args for instr, args in ins if instr == "ENTRYPOINT"]
+    assert len(entry) == 1
+    assert json.loads(entry[0]) == ENTRYPOINTS[name]  # exec form: signals reach the process
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["motioncharacter"] == "motioncharacter.cli:main"
+
+
+def _pip_installs(name: str) -> list[list[str]]:
+    out = []
+    for instr, args in instructions(name):
+        if instr != "RUN":
+            continue
+        for part in re.split(r"&&|;", args):
+            words = shlex.split(part)
+            for i in range(len(words) - 1):
+                if words[i].endswith("pip") and words[i + 1] == "install":
+                    out.append(words[i + 2:])
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_installs_only_what_pyproject_pins(name):
+    installs = _pip_installs(name)
+    assert installs, "no pip install"
+    takes_value = {"-r", "--requirement", "--extra-index-url", "--index-url", "-c", "--constraint"}
+    for words in installs:
+        it = iter(words)
+        for w in it:
+            if w in takes_value:
+                value = next(it)
+                if w in ("-r", "--requirement"):
+                    assert value == "requirements.txt", value
+                continue
+            if w.startswith("-"):
+                continue
+            assert w.startswith(("/", ".")) or "==" in w, f"unpinned install of {w!r} in {name}"
+    text = (DOCKER / name).read_text()
+    assert "pyproject_requirements.py pyproject.toml" in text
+    # apt lists are cleaned in the same layer that fills them
+    for instr, args in instructions(name):
+        if instr == "RUN" and "apt-get install" in args:
+            assert "--no-install-recommends" in args and "rm -rf /var/lib/apt/lists/*" in args
+
+
+def test_project_images_carry_python_3_11_as_pyproject_requires():
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert requires == ">=3.11,<3.12"
+    assert "python:3.11." in (DOCKER / "Dockerfile").read_text()
+    for name in ("Dockerfile.cuda", "Dockerfile.triton"):
+        assert "python3.11 -m venv /opt/venv" in (DOCKER / name).read_text()
+    assert "python_backend_stubs/3.11/" in (DOCKER / "Dockerfile.triton").read_text()
+
+
+def test_requirements_script_emits_the_pins_and_refuses_loose_ones(tmp_path):
+    script = DOCKER / "pyproject_requirements.py"
+    out = subprocess.run([sys.executable, str(script), str(ROOT / "pyproject.toml"), "--extra", "server"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert out == project["dependencies"] + project["optional-dependencies"]["server"]
+    assert all("==" in r for r in out)
+    assert any(r.startswith("psycopg2-binary==") for r in out) and any(r.startswith("boto3==") for r in out)
+
+    loose = tmp_path / "pyproject.toml"
+    loose.write_text('[project]\nname = "x"\ndependencies = ["numpy==1.26.4", "torch>=2"]\n')
+    bad = subprocess.run([sys.executable, str(script), str(loose)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "torch>=2" in bad.stderr
+    missing = subprocess.run([sys.executable, str(script), str(loose), "--extra", "nope"], capture_output=True, text=True)
+    assert missing.returncode != 0 and "nope" in missing.stderr
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """Enough of .dockerignore matching for these checks (no negations are used)."""
+    for p in patterns:
+        p = p.rstrip("/")
+        if fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, f"{p}/*"):
+            return True
+        if p.startswith("**/") and fnmatch.fnmatch(Path(path).name, p[3:]):
+            return True
+    return False
+
+
+def test_build_context_keeps_sources_and_drops_local_state():
+    patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+                if ln.strip() and not ln.startswith("#")]
+    assert not [p for p in patterns if p.startswith("!")]
+    for must_go in (".venv", ".git", "mlflow.db", "outputs/x.mp4", "weights/unet.safetensors", ".env"):
+        assert _ignored(must_go, patterns), must_go
+    # what the builds copy, and what `pip install .` needs from pyproject
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = ["pyproject.toml", "docker/pyproject_requirements.py", project["project"]["readme"],
+              *project["tool"]["setuptools"]["package-dir"].values()]
+    for path in needed:
+        assert not _ignored(path, patterns), path
+        assert (ROOT / path).exists(), f"{path} is needed by the image build but missing"
+    for name in IMAGES:
+        for instr, args in instructions(name):
+            if instr == "COPY" and not args.startswith("--from"):
+                for src in args.split()[:-1]:
+                    assert src == "." or (ROOT / src).exists(), (name, src)
+
+
+def test_kubernetes_uses_the_images_built_here():
+    """The names the manifests and kustomize `images:` use are the ones the Dockerfiles document."""
+    for overlay, tag in (("overlays/local", "0.1.0"), ("overlays/production", "0.1.0")):
+        kust = yaml.safe_load((ROOT / "k8s" / overlay / "kustomization.yaml").read_text())
+        names = {i["name"]: i["newTag"] for i in kust["images"]}
+        assert names["ghcr.io/motioncharacter/motioncharacter"] == tag
+        assert "ghcr.io/motioncharacter/motioncharacter-triton" in names
+    prod_train = yaml.safe_load((ROOT / "k8s/training/overlays/production/kustomization.yaml").read_text())
+    assert prod_train["images"][0]["newTag"].endswith("-cuda")
+    for name, image in (("Dockerfile", "ghcr.io/motioncharacter/motioncharacter:"),
+                        ("Dockerfile.cuda", "ghcr.io/motioncharacter/motioncharacter:0.1.0-cuda"),
+                        ("Dockerfile.triton", "ghcr.io/motioncharacter/motioncharacter-triton:")):
+        assert f"-t {image}" in (DOCKER / name).read_text(), name
