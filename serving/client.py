@@ -50,6 +50,8 @@ _TRANSIENT = ("UNAVAILABLE", "503", "502", "504", "Connection refused", "Connect
 
 def _is_transient(e: Exception) -> bool:
     text = f"{getattr(e, 'status', lambda: '')()} {e}"
+    if "time limit" in text:  # the server stopped a too-long generation: retrying would only repeat it
+        return False
     return any(t.lower() in text.lower() for t in _TRANSIENT)
 
 

@@ -1,0 +1,192 @@
+"""Serving end to end against a real tritonserver (from nvidia-pytriton) that the suite starts and stops.
+
+export (tiny preset) -> load -> generate over HTTP and gRPC, streaming progress and cancellation,
+every kind of bad request answered clearly while the server stays ready, parallel clients.
+"""
+from __future__ import annotations
+
+import io
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from motioncharacter.serving.client import MotionCharacterClient, Progress, RemoteError, Result, generate_remote
+
+from serving_fixtures import PROMPT, TINY, export_tiny, face_image, tiny_pipe, triton, wait_for_log  # noqa: F401
+
+pytestmark = pytest.mark.services
+
+
+def decode_mp4(data: bytes) -> np.ndarray:
+    import av
+
+    with av.open(io.BytesIO(data)) as f:
+        return np.stack([fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)])
+
+
+def assert_same_video(served: np.ndarray, local: np.ndarray) -> None:
+    assert served.shape == local.shape and served.dtype == np.uint8
+    # Same seed, same CPU kernels: the served video is the in-process one (float noise at most).
+    assert np.abs(served.astype(int) - local.astype(int)).max() <= 2
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_pipe):
+    api, pipe = tiny_pipe
+    return api.generate(pipe, image=face_image(), prompt=PROMPT, **TINY)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_generate_matches_in_process(triton, expected, protocol):
+    url = triton.http_url if protocol == "http" else triton.grpc_url
+    with MotionCharacterClient(url, timeout_s=120) as c:
+        assert c.ready()
+        r = c.generate(face_image(), PROMPT, video=True, **TINY)
+    assert r.frames.shape == (TINY["frames"], TINY["height"], TINY["width"], 3)
+    assert_same_video(r.frames, expected)
+    decoded = decode_mp4(r.video)
+    assert decoded.shape == r.frames.shape  # a real mp4 with every frame
+    # Lossy (tiny random outputs are noise, H.264's worst case), but each frame's mean colour survives.
+    assert np.abs(decoded.mean(axis=(1, 2)) - r.frames.mean(axis=(1, 2))).max() < 4
+
+
+def test_generate_remote_has_generate_signature(triton, expected):
+    steps = []
+    frames = generate_remote(triton.grpc_url, image=face_image(), prompt=PROMPT, progress=lambda s, t: steps.append((s, t)),
+                             timeout_s=120, **TINY)
+    assert_same_video(frames, expected)
+    assert steps == [(i, TINY["steps"]) for i in range(1, TINY["steps"] + 1)]
+    assert_same_video(generate_remote(triton.http_url, image=face_image(), prompt=PROMPT, **TINY), expected)
+
+
+def test_stream_progress_then_video(triton, expected):
+    with MotionCharacterClient(triton.grpc_url, timeout_s=120) as c:
+        events = list(c.stream(face_image(), PROMPT, **TINY))
+    progress, final = events[:-1], events[-1]
+    assert [(p.step, p.total) for p in progress] == [(i, TINY["steps"]) for i in range(1, TINY["steps"] + 1)]
+    assert all(isinstance(p, Progress) for p in progress) and isinstance(final, Result)
+    assert_same_video(final.frames, expected)
+    assert decode_mp4(final.video).shape[0] == TINY["frames"]
+
+
+def test_stream_cancellation_stops_generation(triton):
+    total = 60  # the server's step limit: far more than run before the cancel lands
+    with MotionCharacterClient(triton.grpc_url, timeout_s=120) as c:
+        events = c.stream(face_image(), PROMPT, **{**TINY, "steps": total, "seed": 11})
+        assert next(events) == Progress(1, total)
+        events.close()  # cancels the request on the server
+        line = wait_for_log(triton.log_file, "request cancelled by the client after step")
+        stopped_at = int(line.split("after step ")[1].split(" of ")[0])
+        assert 1 <= stopped_at < total
+        assert c.ready()
+        assert c.generate(face_image(), PROMPT, **TINY).frames.shape[0] == TINY["frames"]
+
+
+def _raw_infer(url: str, inputs: dict, model: str = "motioncharacter"):
+    """A request built by hand (the client would refuse to build some of these)."""
+    import tritonclient.http as http
+
+    c = http.InferenceServerClient(url.split("://")[1], connection_timeout=10, network_timeout=60)
+    try:
+        ins = []
+        for name, (arr, dtype) in inputs.items():
+            t = http.InferInput(name, list(arr.shape), dtype)
+            t.set_data_from_numpy(arr)
+            ins.append(t)
+        return c.infer(model, ins)
+    finally:
+        c.close()
+
+
+def _b(*items) -> np.ndarray:
+    return np.array([[x] for x in items], dtype=np.object_)
+
+
+BAD = [
+    ("empty image", dict(image=b""), "input 'image' is empty"),
+    ("not an image", dict(image=b"\x89PNG broken"), "not a decodable image"),
+    ("no face", dict(image=np.full((96, 96, 3), 127, np.uint8)), "no face"),
+    ("intensity NaN", dict(intensity=math.nan), "'intensity' must be a number in [0, 20], got nan"),
+    ("intensity high", dict(intensity=21.0), "'intensity' must be a number in [0, 20], got 21.0"),
+    ("intensity negative", dict(intensity=-0.5), "'intensity' must be a number in [0, 20]"),
+    ("long prompt", dict(prompt="a" * 201), "'prompt' is 201 characters long, over this server's limit of 200"),
+    ("too many frames", dict(frames=9), "'frames' is 9, over this server's limit of 8"),
+    ("too tall", dict(height=256), "'height' is 256, over this server's limit of 128"),
+    ("too wide", dict(width=1024), "'width' is 1024, over this server's limit of 128"),
+    ("too many steps", dict(steps=61), "'steps' is 61, over this server's limit of 60"),
+]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_requests_get_clear_errors_and_server_stays_ready(triton, protocol):
+    url = triton.http_url if protocol == "http" else triton.grpc_url
+    with MotionCharacterClient(url, timeout_s=120, retries=0) as c:
+        for label, change, message in BAD:
+            kw = {**TINY, "image": face_image(), "prompt": PROMPT, **change}
+            with pytest.raises(RemoteError) as e:
+                c.generate(kw.pop("image"), kw.pop("prompt"), **kw)
+            assert message in str(e.value), label
+            assert c.ready(), f"server not ready after {label}"
+        # The same checks guard the streaming model.
+        if protocol == "grpc":
+            with pytest.raises(RemoteError, match="over this server's limit of 8"):
+                list(c.stream(face_image(), PROMPT, **{**TINY, "frames": 9}))
+        assert c.generate(face_image(), PROMPT, **TINY).frames.shape[0] == TINY["frames"]
+
+
+def test_wrong_dtype_shape_and_missing_inputs_are_refused_by_triton(triton):
+    from tritonclient.utils import InferenceServerException
+
+    img = face_image()
+    import cv2
+
+    good = _b(cv2.imencode(".png", img[..., ::-1])[1].tobytes())
+    cases = [
+        ({"prompt": (_b(b"p"), "BYTES")}, "image"),                                       # missing image
+        ({"image": (good, "BYTES"), "prompt": (_b(b"p"), "BYTES"),
+          "intensity": (np.array([[5.0]], np.float64), "FP64")}, "FP64"),                 # wrong dtype
+        ({"image": (np.concatenate([good, good], axis=1), "BYTES"),
+          "prompt": (_b(b"p"), "BYTES")}, "shape"),                                     # wrong shape [1, 2]
+        ({"image": (np.array([[1, 2, 3]], np.uint8), "UINT8"),
+          "prompt": (_b(b"p"), "BYTES")}, "UINT8"),                                      # raw pixels, not bytes
+    ]
+    for inputs, needle in cases:
+        with pytest.raises(InferenceServerException) as e:
+            _raw_infer(triton.http_url, inputs)
+        assert needle in str(e.value)
+    with MotionCharacterClient(triton.http_url, timeout_s=60) as c:
+        assert c.ready()
+
+
+def test_parallel_clients_each_get_their_own_video(triton, tiny_pipe):
+    api, pipe = tiny_pipe
+    seeds = [21, 22, 23, 24]
+    local = {s: api.generate(pipe, image=face_image(), prompt=PROMPT, **{**TINY, "seed": s}) for s in seeds}
+
+    def one(i_seed):
+        i, seed = i_seed
+        url = triton.grpc_url if i % 2 else triton.http_url  # one client per thread, both protocols
+        with MotionCharacterClient(url, timeout_s=300) as c:
+            return seed, c.generate(face_image(), PROMPT, **{**TINY, "seed": seed}).frames
+
+    # max_batch_size=2: the dynamic batcher hands the backend two queued requests at once.
+    with ThreadPoolExecutor(len(seeds)) as ex:
+        results = dict(ex.map(one, enumerate(seeds)))
+    for s in seeds:
+        assert_same_video(results[s], local[s])
+    assert not np.array_equal(results[21], results[22])
+
+
+def test_server_side_time_limit(tmp_path):
+    """A generation over the deployment's request timeout is stopped between steps with a clear error."""
+    from motioncharacter.serving.server import TritonServer
+
+    repo = export_tiny(tmp_path / "repo", request_timeout_s=1e-6)
+    with TritonServer(str(repo), http_port=None, grpc_port=None, metrics_port=None,
+                      log_file=tmp_path / "triton.log") as server:
+        with MotionCharacterClient(server.http_url, timeout_s=120, retries=0) as c:
+            with pytest.raises(RemoteError, match="exceeded this server's time limit"):
+                c.generate(face_image(), PROMPT, **TINY)
+            assert c.ready()
