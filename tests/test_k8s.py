@@ -254,6 +254,10 @@ def test_pytorchjob(overlay):
             assert e["DS_ACCELERATOR"]["value"] == "cpu"
     train_yaml = yaml.safe_load(config_maps["motioncharacter-train-config"]["data"]["train.yaml"])
     assert isinstance(train_yaml, dict)
+    # overrides only sections the packaged training defaults know (once training ships them)
+    packaged = ROOT / "motioncharacter" / "configs" / "train.yaml"
+    if packaged.is_file():
+        assert set(train_yaml) <= set(yaml.safe_load(packaged.read_text()) or {})
 
 
 # --- security properties across every workload ------------------------------------------
