@@ -66,6 +66,7 @@ def server_env(base: dict | None = None) -> dict:
         pass
     env["LD_LIBRARY_PATH"] = ":".join([*(p for p in libs if p), env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env.setdefault("AWS_DEFAULT_REGION", "us-east-1")  # Triton's S3 client wants a region, any for non-AWS stores
     return env
 
 
