@@ -190,3 +190,37 @@ def test_server_side_time_limit(tmp_path):
             with pytest.raises(RemoteError, match="exceeded this server's time limit"):
                 c.generate(face_image(), PROMPT, **TINY)
             assert c.ready()
+
+
+@pytest.fixture(scope="module")
+def s3_store(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on loopback, with fresh dev credentials."""
+    from motioncharacter.stack import CRED_VARS, Stack
+
+    s = Stack(tmp_path_factory.mktemp("serving-s3"), s3_port=0, mlflow_port=0, bucket="models")
+    with pytest.MonkeyPatch.context() as mp:
+        for var in CRED_VARS:
+            mp.delenv(var, raising=False)
+        s.up(only="s3")
+    yield s
+    s.down()
+
+
+def test_deploy_to_s3_and_triton_reads_it_directly(s3_store, tmp_path, monkeypatch, expected):
+    """`motioncharacter deploy` writes the repository to the object store; Triton loads it from s3://."""
+    from motioncharacter import storage
+    from motioncharacter.cli import main
+    from motioncharacter.serving.server import TritonServer
+
+    for k, v in s3_store.env().items():
+        monkeypatch.setenv(k, v)
+    uri = "s3://models/triton/tiny"
+    assert main(["deploy", "--preset", "tiny", "--model-repository", uri, "--max-frames", "8",
+                 "--max-resolution", "128"]) == 0
+    keys = {f[len(uri) + 1:] for f in storage.list_files(uri)}
+    assert keys == {"motioncharacter/config.pbtxt", "motioncharacter/1/model.py",
+                    "motioncharacter_stream/config.pbtxt", "motioncharacter_stream/1/model.py"}
+    with TritonServer(uri, http_port=None, grpc_port=None, metrics_port=None, log_file=tmp_path / "triton.log") as server:
+        assert "--model-repository=s3://127.0.0.1:" in " ".join(server.command())  # Triton's host:port spelling
+        with MotionCharacterClient(server.http_url, timeout_s=120) as c:
+            assert_same_video(c.generate(face_image(), PROMPT, **TINY).frames, expected)
