@@ -10,7 +10,10 @@ import importlib
 import logging
 import sys
 
+from . import __version__
+
 COMMAND_MODULES = [
+    "motioncharacter.demo",
     "motioncharacter.stack",
     "motioncharacter.components.prepare.cli",
     "motioncharacter.serving.cli",
@@ -29,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "identity-preserving, motion-controllable human videos.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"motioncharacter {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
