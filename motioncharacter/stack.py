@@ -14,6 +14,7 @@ does not already set them. Python API: ``Stack(state_dir, s3_port, mlflow_port).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import secrets
@@ -46,6 +47,7 @@ WEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grp
 
 # Children started by this process, kept so they can be reaped (no zombies, no warnings).
 _children: dict[int, subprocess.Popen] = {}
+log = logging.getLogger(__name__)
 
 
 class StackError(UserError):
@@ -263,9 +265,17 @@ class Stack:
         access, secret = "mc" + secrets.token_hex(8), secrets.token_urlsafe(30)
         return access, secret, True
 
+    def _server_credentials(self) -> tuple[str, str] | None:
+        """The credentials the S3 server was started with (its 0600 identity file)."""
+        try:
+            cred = json.loads((self.dir / "s3.json").read_text())["identities"][0]["credentials"][0]
+            return cred["accessKey"], cred["secretKey"]
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
+
     def env(self) -> dict[str, str]:
         """Client environment for this stack: endpoints and credentials (holds the secret)."""
-        access, secret, _ = self._credentials()
+        access, secret = self._server_credentials() or self._credentials()[:2]
         return {"MOTIONCHARACTER_S3_ENDPOINT": self.s3_endpoint, "AWS_ACCESS_KEY_ID": access,
                 "AWS_SECRET_ACCESS_KEY": secret, "MLFLOW_TRACKING_URI": self.mlflow_uri,
                 "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint}
@@ -277,12 +287,22 @@ class Stack:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         (self.dir / "logs").mkdir(exist_ok=True)
-        access, secret, generated = self._credentials()
-        if generated:
-            _write_private(self.cred_file, _env_text(dict(zip(CRED_VARS, (access, secret)))))
-        else:  # the environment's credentials are never written to disk beyond the server's own config
-            self.cred_file.unlink(missing_ok=True)
         st = self._load()
+        if "s3" not in names and not self._running("s3", st):
+            raise StackError("the MLflow server stores artifacts in the S3 server, which is not running: "
+                             "start it first (`motioncharacter stack up`, or `--only s3`)")
+        if self._running("s3", st):  # credentials are fixed while the S3 server runs
+            access, secret = self._server_credentials() or self._credentials()[:2]
+            env = tuple(os.environ.get(v) for v in CRED_VARS)
+            if all(env) and env != (access, secret):
+                log.warning("the S3 server already runs with other credentials than AWS_ACCESS_KEY_ID / "
+                            "AWS_SECRET_ACCESS_KEY; `motioncharacter stack down` first to change them")
+        else:
+            access, secret, generated = self._credentials()
+            if generated:
+                _write_private(self.cred_file, _env_text(dict(zip(CRED_VARS, (access, secret)))))
+            else:  # the environment's credentials stay out of files other than the server's own config
+                self.cred_file.unlink(missing_ok=True)
         st["bucket"] = self.bucket
         st.setdefault("services", {})
         result = {}
@@ -291,9 +311,6 @@ class Stack:
             if svc:
                 result[name] = "already running"
                 continue
-            if name == "mlflow" and not self._running("s3", st):
-                raise StackError("the MLflow server stores artifacts in the S3 server, which is not running: "
-                                 "start it first (`motioncharacter stack up`, or `--only s3`)")
             port = self.s3_port if name == "s3" else self.mlflow_port
             if not port_free(port):
                 opt = "--s3-port" if name == "s3" else "--mlflow-port"
@@ -347,10 +364,31 @@ class Stack:
                f"-s3.port={self.s3_port}", f"-bucket={self.bucket}", "-webdav=false",
                "-s3.port.iceberg=0", "-s3.port.lance=0"]
         cmd += [f"-{k}={p}" for k, p in ports.items()]
+        volumes = len(list(data.glob("*.dat")))
         svc = self._spawn("s3", cmd, dict(os.environ), f"{self.s3_endpoint}/healthz", st)
+        self._wait_volumes(ports["master.port"], volumes, svc)
         self._wait_bucket(access, secret, svc)
         svc.update(port=self.s3_port, url=self.s3_endpoint, internal_ports=ports)
         return svc
+
+    def _wait_volumes(self, master_port: int, expected: int, svc: dict) -> None:
+        """After a restart, objects are readable only once the volume server has re-registered
+        its volumes with the master (until then reads fail with InternalError)."""
+        def registered() -> int:
+            try:
+                with urllib.request.urlopen(f"http://{HOST}:{master_port}/vol/status", timeout=1.0) as r:
+                    dcs = json.load(r)["Volumes"]["DataCenters"] or {}
+            except Exception:
+                return -1
+            return sum(len(vols or []) for dc in dcs.values() for rack in dc.values() for vols in rack.values())
+
+        deadline = time.monotonic() + self.timeout
+        while (n := registered()) < expected:
+            if time.monotonic() > deadline:
+                self._stop_pid(svc["pid"])
+                raise StackError(f"S3 server: {max(n, 0)} of {expected} volumes came back within "
+                                 f"{self.timeout:.0f} s; last lines of {svc['log']}:\n{_tail(Path(svc['log']))}")
+            time.sleep(0.2)
 
     def _wait_bucket(self, access: str, secret: str, svc: dict) -> None:
         """Ready means our credentials work and the bucket exists (weed creates it at start)."""
@@ -371,6 +409,10 @@ class Stack:
                          f"last lines of {svc['log']}:\n{_tail(Path(svc['log']))}")
 
     def _start_mlflow(self, st: dict, access: str, secret: str) -> dict:
+        import importlib.util
+
+        if importlib.util.find_spec("boto3") is None:  # else every artifact upload fails with HTTP 500
+            raise StackError("the MLflow server needs boto3 to store artifacts in S3: `pip install -e .`")
         env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=self.s3_endpoint, AWS_ACCESS_KEY_ID=access,
                    AWS_SECRET_ACCESS_KEY=secret, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
                    AWS_EC2_METADATA_DISABLED="true")

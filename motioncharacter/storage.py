@@ -28,6 +28,8 @@ CONNECT_TIMEOUT = 3.0
 READ_TIMEOUT = 300.0
 # S3 error codes that mean the credentials were refused, not that the object is missing.
 AUTH_CODES = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken")
+# S3 error codes that say "try again" (e.g. a server still starting up).
+TRANSIENT_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout")
 
 
 class StorageError(RuntimeError):
@@ -94,13 +96,20 @@ def client():
 
 
 def _retry(what: str, fn):
-    """Retry connection failures with exponential backoff, then fail naming the endpoint."""
+    """Retry connection failures and transient S3 errors with exponential backoff, then fail
+    naming the endpoint."""
     import urllib3
+    from minio.error import S3Error
 
     delay = BACKOFF
     for attempt in range(RETRIES):
         try:
             return fn()
+        except S3Error as e:
+            if e.code not in TRANSIENT_CODES or attempt == RETRIES - 1:
+                raise
+            time.sleep(delay)
+            delay *= 2
         except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as e:
             if attempt == RETRIES - 1:
                 raise StorageError(f"{what}: object store {endpoint()} unreachable after {RETRIES} tries "
