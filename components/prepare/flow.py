@@ -18,23 +18,24 @@ REFERENCE_SHORT_SIDE = 512
 
 def flow_magnitude(flow: np.ndarray) -> np.ndarray:
     """|f| per pixel for flows of shape (..., H, W, 2)."""
-    return np.sqrt((flow.astype(np.float64) ** 2).sum(-1))
+    flow = np.asarray(flow, dtype=np.float32)
+    return np.hypot(flow[..., 0], flow[..., 1])
 
 
 def foreground_flow(mag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eq. 6 for one pair: tau_i = mean |f|; M_i = |f| > tau_i; f_fg(x,y) = M_i * |f|.
 
     Returns (mask, foreground flow map)."""
-    tau = mag.mean()
+    tau = mag.mean(dtype=np.float64)
     mask = mag > tau
-    return mask, np.where(mask, mag, 0.0)
+    return mask, mag * mask
 
 
 def pair_intensity(mag: np.ndarray) -> float:
     """f_{i,fg} = (1/S) sum M_i |f_i| with S the number of foreground pixels (0 when S = 0)."""
     mask, fg = foreground_flow(mag)
-    s = int(mask.sum())
-    return float(fg.sum() / s) if s else 0.0
+    s = int(np.count_nonzero(mask))
+    return float(fg.sum(dtype=np.float64) / s) if s else 0.0
 
 
 def motion_intensity(mags: np.ndarray) -> float:
