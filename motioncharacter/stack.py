@@ -308,8 +308,11 @@ class Stack:
         result = {}
         for name in names:
             svc = self._running(name, st)
-            if svc:
+            if svc:  # keep its port: the env file and hints must point at what actually runs
                 result[name] = "already running"
+                if svc["port"] != getattr(self, f"{name}_port"):
+                    result[name] += " (`stack down` first to change its port)"
+                setattr(self, f"{name}_port", svc["port"])
                 continue
             port = self.s3_port if name == "s3" else self.mlflow_port
             if not port_free(port):

@@ -45,9 +45,10 @@ def test_cli_lifecycle_s3_only(tmp_path):
     pid = Stack(d).status()[0].pid
     assert stk._alive(pid)
 
-    r = _cli("up", "--only", "s3", "--state-dir", str(d), env=env)
-    assert r.returncode == 0 and "already running" in r.stdout
+    r = _cli("up", "--only", "s3", "--state-dir", str(d), "--s3-port", str(stk.free_port()), env=env)
+    assert r.returncode == 0 and "already running (`stack down` first" in r.stdout
     assert Stack(d).status()[0].pid == pid
+    assert stk._read_env_file(d / "stack.env")["MOTIONCHARACTER_S3_ENDPOINT"] == f"http://127.0.0.1:{port}"
 
     r = _cli("status", "--state-dir", str(d), env=env)
     assert r.returncode == 3  # mlflow is not running
