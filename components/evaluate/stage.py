@@ -1,0 +1,201 @@
+"""``motioncharacter evaluate``: generate the eval set's videos, score them, aggregate, plot, log.
+
+Writes into OUTPUT (a folder or s3:// prefix): ``videos/<item>.mp4``, ``results.jsonl`` (one
+line per item with every metric or its absence reason), ``per_video.csv``, ``summary.json``
+(aggregates + intensity adherence), ``calibration.png`` and ``contact_sheet.png``; the same
+go to an MLflow run (metrics, a per-video table, GIFs).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from motioncharacter import storage
+
+from . import metrics as M
+from .evalset import build_items, list_portraits, load_prompt_bank
+from .settings import EvalConfig
+
+log = logging.getLogger(__name__)
+TABLE1_ORDER = ["dover", "motion_smoothness", "dynamic_degree", "clip_i", "clip_t", "face_sim"]
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Aggregate per-video metric dicts; add intensity adherence and action adherence."""
+    scored = [r for r in rows if "metrics" in r]
+    keys = list(dict.fromkeys(k for r in scored for k in r["metrics"]))
+    agg = {k: M.aggregate([r["metrics"].get(k) for r in scored]) for k in keys}
+    req = [r["intensity"] for r in scored]
+    meas = [M.value(r["metrics"].get("intensity")) for r in scored]
+    agg["intensity_spearman"] = M.spearman(req, meas)
+    errs = [abs(m - q) for q, m in zip(req, meas) if m is not None]
+    agg["intensity_mae"] = M.present(np.mean(errs)) if errs else M.absent("no intensity measured")
+    if "action_top1" in agg:
+        agg["action_accuracy"] = agg.pop("action_top1")
+    return {"videos": len(rows), "scored": len(scored), "skipped": len(rows) - len(scored), "metrics": agg}
+
+
+def calibration_plot(rows: list[dict], path: Path, rho: dict | None = None) -> Path:
+    """Requested vs measured intensity: every video, the mean per requested value, and y = x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r["intensity"], M.value(r["metrics"].get("intensity"))) for r in rows if "metrics" in r]
+    pts = [(q, m) for q, m in pts if m is not None]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.plot([0, 20], [0, 20], "k--", lw=1, label="ideal (measured = requested)")
+    if pts:
+        q, m = map(np.asarray, zip(*pts))
+        ax.scatter(q, m, s=14, alpha=0.5, label="videos")
+        levels = np.unique(q)
+        ax.plot(levels, [m[q == lv].mean() for lv in levels], "o-", color="C3", label="mean per requested")
+    title = "intensity adherence"
+    if rho and rho.get("value") is not None:
+        title += f" (Spearman rho = {rho['value']:.2f})"
+    ax.set(xlabel="requested motion intensity", ylabel="measured intensity (eq. 5-7, DIS flow)", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _flat(row: dict) -> dict:
+    out = {k: row[k] for k in ("id", "prompt_id", "action", "intensity", "seed") if k in row}
+    out["portrait"] = Path(row["portrait"]).name
+    out["generation_s"] = row.get("generation_s")
+    out["skipped"] = row.get("skipped", "")
+    for k, v in row.get("metrics", {}).items():
+        out[k] = v.get("value")
+    return out
+
+
+def _write_tables(rows: list[dict], stage: Path) -> list[dict]:
+    flat = [_flat(r) for r in rows]
+    cols = list(dict.fromkeys(k for f in flat for k in f))
+    with open(stage / "results.jsonl", "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    with open(stage / "per_video.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, cols)
+        w.writeheader()
+        w.writerows(flat)
+    return flat
+
+
+def evaluate(eval_set: str, output: str, cfg: EvalConfig, *, weights: str | None = None, preset: str | None = None,
+             device: str = "cpu", limit: int | None = None, track: bool = True, progress: bool = True,
+             run_name: str | None = None) -> dict:
+    from tqdm import tqdm
+
+    from motioncharacter.faces import FaceError
+    from motioncharacter.model.inference import generate, load_pipeline
+    from motioncharacter.video import contact_sheet, load_image, write_video
+
+    from .score import Scorer
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    portraits = list_portraits(eval_set)
+    bank_version, bank = load_prompt_bank(cfg.evalset.prompt_bank)
+    items = build_items(portraits, bank, cfg.evalset, limit)
+    m = cfg.metrics
+    pipe = load_pipeline(weights=weights, preset=preset, device=device, arcface_pack=m.arcface_pack or None)
+    scorer = Scorer(m, flow_short_side=m.flow_short_side)
+    g = cfg.generation
+    gen = dict(frames=g.frames, steps=g.steps or pipe.defaults["steps"], height=g.height or pipe.defaults["height"],
+               width=g.width or pipe.defaults["width"], guidance=g.guidance, id_scale=g.id_scale,
+               motion_scale=g.motion_scale, negative_prompt=g.negative_prompt)
+    face_index = None if cfg.evalset.face_index < 0 else cfg.evalset.face_index
+
+    local_out = not storage.is_s3(output)
+    stage = Path(output) if local_out else Path(tempfile.mkdtemp(prefix="mc-eval-", dir=storage.cache_dir()))
+    (stage / "videos").mkdir(parents=True, exist_ok=True)
+    refs: dict[str, np.ndarray] = {}
+    rows, sheet_rows, sheet_labels, gifs = [], [], [], []
+    for item in tqdm(items, desc="evaluate", unit="video", disable=not progress):
+        row = item.to_dict()
+        rows.append(row)
+        if item.portrait not in refs:
+            with storage.local_file(item.portrait) as p:
+                refs[item.portrait] = load_image(p)
+        ref = refs[item.portrait]
+        t = time.perf_counter()
+        try:
+            frames = generate(pipe, image=ref, prompt=item.prompt, action=item.action, intensity=item.intensity,
+                              seed=item.seed, face_index=face_index, **gen)
+        except FaceError as e:  # e.g. Unsplash-50 entry 39, a group photo
+            row["skipped"] = str(e)
+            log.warning("skipping %s: %s", item.id, e)
+            continue
+        row["generation_s"] = time.perf_counter() - t
+        video = write_video(frames, stage / "videos" / f"{item.id}.mp4", fps=g.fps)
+        row["video"] = video.relative_to(stage).as_posix()
+        t = time.perf_counter()
+        row["metrics"] = scorer.score(frames, reference=ref, prompt=item.prompt, action=item.action,
+                                      action_bank=cfg.evalset.actions, face_index=face_index)
+        row["metrics_s"] = time.perf_counter() - t
+        if len(gifs) < cfg.output.gifs:
+            gifs.append(write_video(frames, stage / "gifs" / f"{item.id}.gif", fps=g.fps))
+        if len(sheet_rows) < cfg.output.contact_rows:
+            step = max(1, len(frames) // 8)
+            sheet_rows.append([ref, *frames[::step][:8]])
+            mi = M.value(row["metrics"].get("intensity"))
+            sheet_labels.append(f"{item.id}  requested {item.intensity:g}, measured "
+                                f"{'n/a' if mi is None else f'{mi:.1f}'}")
+
+    summary = summarize(rows)
+    summary.update(eval_set=eval_set, prompt_bank_version=bank_version, items=len(items),
+                   face_metric=scorer.face_key, generation=gen,
+                   model=weights or f"preset:{preset}")
+    flat = _write_tables(rows, stage)
+    calibration_plot(rows, stage / "calibration.png", summary["metrics"].get("intensity_spearman"))
+    if sheet_rows:
+        contact_sheet(sheet_rows, sheet_labels).save(stage / "contact_sheet.png")
+    if track:
+        summary["mlflow_run_id"] = _log_run(cfg, summary, flat, stage, gifs, run_name, weights, preset, limit)
+    (stage / "summary.json").write_text(json.dumps(summary, indent=1))
+    if not local_out:
+        storage.upload_dir(stage, output)
+    summary["output"] = output
+    return summary
+
+
+def _log_run(cfg, summary, flat, stage: Path, gifs, run_name, weights, preset, limit) -> str:
+    import dataclasses
+
+    import mlflow
+
+    from motioncharacter import tracking
+
+    name = run_name or f"eval-{Path(str(weights).rstrip('/')).name if weights else preset}"
+    with tracking.run(cfg.experiment, run_name=name, tags={"stage": "evaluate"}) as run:
+        tracking.log_params({"config": dataclasses.asdict(cfg), "model": summary["model"],
+                             "eval_set": summary["eval_set"], "limit": limit,
+                             "prompt_bank_version": summary["prompt_bank_version"],
+                             "generation": summary["generation"]})
+        agg = summary["metrics"]
+        mlflow.log_metrics({k: v["value"] for k, v in agg.items() if v.get("value") is not None})
+        mlflow.log_metrics({"videos": summary["videos"], "scored": summary["scored"], "skipped": summary["skipped"]})
+        # absent metrics keep their reason next to the run, so compare can show why
+        mlflow.set_tags({f"absent.{k}": v["reason"][:4000] for k, v in agg.items() if v.get("value") is None})
+        mlflow.set_tag("face_metric", summary["face_metric"])
+        if flat:
+            import pandas as pd
+
+            mlflow.log_table(pd.DataFrame(flat), artifact_file="per_video.json")
+        for f in ("results.jsonl", "per_video.csv", "calibration.png", "contact_sheet.png"):
+            if (stage / f).exists():
+                mlflow.log_artifact(str(stage / f))
+        mlflow.log_text(json.dumps(summary, indent=1), "summary.json")
+        for gif in gifs:
+            mlflow.log_artifact(str(gif), "gifs")
+        return run.info.run_id
