@@ -16,7 +16,9 @@ COMMAND_MODULES = [
     "motioncharacter.demo",
     "motioncharacter.stack",
     "motioncharacter.components.prepare.cli",
+    "motioncharacter.components.train.cli",
     "motioncharacter.serving.cli",
+    "motioncharacter.pipelines.cli",
     "motioncharacter.model.cli",
 ]
 

@@ -1,0 +1,67 @@
+"""``motioncharacter pipeline compile|run|submit``."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("pipeline", help="compile, run locally or submit the Kubeflow pipeline",
+                       description="The Kubeflow Pipelines v2 pipeline prepare -> train -> evaluate -> deploy.")
+    ps = p.add_subparsers(dest="pipeline_command", metavar="ACTION")
+    c = ps.add_parser("compile", help="compile the pipeline to IR YAML")
+    c.add_argument("--output", "-o", default="pipeline.yaml", help="IR YAML to write (default: %(default)s)")
+    c.set_defaults(func=_compile)
+
+    def params(q):
+        q.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
+                       help="pipeline parameter, e.g. --param train_steps=8 --param 'ablations=[\"no_id_loss\"]'")
+
+    r = ps.add_parser("run", help="run the whole pipeline on this machine with kfp.local (SubprocessRunner)")
+    r.add_argument("--local", action="store_true", required=True, help="run locally (the only mode of `run`)")
+    r.add_argument("--pipeline-root", default="outputs/kfp", help="local artifact root (default: %(default)s)")
+    params(r)
+    r.set_defaults(func=_run)
+    s = ps.add_parser("submit", help="submit a run to a Kubeflow Pipelines endpoint")
+    s.add_argument("--host", required=True, help="KFP API URL, e.g. https://kubeflow.example.com/pipeline")
+    s.add_argument("--experiment", default="motioncharacter", help="KFP experiment name")
+    s.add_argument("--namespace", help="Kubeflow profile namespace")
+    params(s)
+    s.set_defaults(func=_submit)
+    p.set_defaults(func=lambda a: p.print_help() or 2)
+
+
+def parse_params(items: list[str]) -> dict:
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise ValueError(f"--param {it!r} is not NAME=VALUE")
+        k, v = it.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _compile(args) -> int:
+    from .run import compile_pipeline
+
+    print(f"compiled to {compile_pipeline(args.output)}")
+    return 0
+
+
+def _run(args) -> int:
+    from .run import run_local
+
+    result = run_local(parse_params(args.param), args.pipeline_root)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _submit(args) -> int:
+    from .run import submit
+
+    run_id = submit(args.host, parse_params(args.param), args.experiment, args.namespace)
+    print(f"submitted run {run_id} to {args.host}")
+    return 0

@@ -1,0 +1,48 @@
+"""Compile, run locally (kfp.local) and submit the pipeline."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+LOCAL_DEFAULTS = {"work_uri": "outputs/pipeline", "model_repository": "outputs/pipeline/model_repository"}
+
+
+def compile_pipeline(path: str = "pipeline.yaml") -> str:
+    from kfp import compiler
+
+    from .pipeline import motioncharacter_pipeline
+
+    compiler.Compiler().compile(motioncharacter_pipeline, package_path=path)
+    return path
+
+
+def local_defaults() -> dict:
+    """Where a local run writes: into the running stack's bucket when there is one, else ./outputs."""
+    if os.environ.get("MOTIONCHARACTER_S3_ENDPOINT"):
+        bucket = os.environ.get("MOTIONCHARACTER_BUCKET", "motioncharacter")
+        return {"work_uri": f"s3://{bucket}/pipeline", "model_repository": f"s3://{bucket}/model_repository"}
+    return {k: str(Path(v).resolve()) for k, v in LOCAL_DEFAULTS.items()}
+
+
+def run_local(params: dict, pipeline_root: str = "outputs/kfp") -> dict:
+    """Run every step in subprocesses of this Python (no containers), like a cluster run."""
+    from kfp import local
+
+    from .pipeline import motioncharacter_pipeline
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(pipeline_root).resolve()),
+               raise_on_error=True)
+    args = {**local_defaults(), **params}
+    task = motioncharacter_pipeline(**args)
+    return {"state": "SUCCEEDED", "params": args, "outputs": getattr(task, "outputs", None) and dict(task.outputs)}
+
+
+def submit(host: str, params: dict, experiment: str = "motioncharacter", namespace: str | None = None) -> str:
+    import kfp
+
+    from .pipeline import motioncharacter_pipeline
+
+    client = kfp.Client(host=host, namespace=namespace)
+    run = client.create_run_from_pipeline_func(motioncharacter_pipeline, arguments=params,
+                                               experiment_name=experiment, enable_caching=True)
+    return run.run_id
