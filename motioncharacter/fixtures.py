@@ -37,7 +37,10 @@ def package_face(name: str = "grace_hopper") -> np.ndarray:
         p = Path(skimage.__file__).parent / "data" / "astronaut.png"
     else:
         raise ValueError(f"unknown package face {name!r}")
-    return cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)
+    from PIL import Image
+
+    with Image.open(p) as im:  # PIL, not cv2: libpng warns about astronaut.png's colour profile
+        return np.asarray(im.convert("RGB"))
 
 
 def _background(seed: int = 0) -> np.ndarray:
