@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "motioncharacter.serving.cli",
     "motioncharacter.pipelines.cli",
     "motioncharacter.model.cli",
+    "motioncharacter.components.evaluate.cli",
 ]
 
 

@@ -59,7 +59,7 @@ class Scorer:
         from motioncharacter.faces import FaceError
 
         if reference is None:
-            return M.absent("no reference face given")
+            return M.absent("no reference face given (--reference)")
         try:
             ref = self.embedder.embed(reference, self.detector.one(reference, "reference image", face_index))
         except FaceError as e:
