@@ -28,7 +28,7 @@ def export_tiny(dest: Path, **overrides) -> Path:
     from motioncharacter.serving.repository import DeployOptions, export_repository
     from motioncharacter.serving.request_args import Limits
 
-    opts = DeployOptions(preset="tiny", max_batch_size=2, limits=Limits(**LIMITS), **overrides)
+    opts = DeployOptions(**{"preset": "tiny", "max_batch_size": 2, "limits": Limits(**LIMITS), **overrides})
     export_repository(str(dest), opts)
     return dest
 
