@@ -244,3 +244,22 @@ def test_evaluate_cli_errors_are_clear(capsys, tmp_path):
     assert main(["evaluate", "--preset", "tiny", "--eval-set", str(tmp_path), "--output", str(tmp_path / "o"),
                  "--no-track"]) == 1
     assert "no portrait images" in capsys.readouterr().err
+
+
+def test_compare_table_layout_marks_and_footnotes():
+    from motioncharacter.components.evaluate.compare import COLUMNS, table
+
+    def row(label, ms, dd):
+        cells = {c: {"key": keys[0], "value": None, "reason": f"why {c}"} for c, keys in COLUMNS}
+        cells["Motion Smoothness"] = {"key": "motion_smoothness_flowinterp", "value": ms}
+        cells["Dynamic Degree"] = {"key": "dynamic_degree", "value": dd}
+        return {"run_id": label, "label": label, "cells": cells}
+
+    md, notes = table([row("a", 0.9, 0.2), row("b", 0.95, 0.4), row("c", 0.8, 0.3)])
+    lines = md.splitlines()
+    assert lines[0] == ("| Method | Dover Score | Motion Smoothness | Dynamic Degree | CLIP-I | CLIP-T | "
+                        "Face Similarity | Intensity rho (ours) |")
+    b = next(x for x in lines if x.startswith("| b |"))
+    c = next(x for x in lines if x.startswith("| c |"))
+    assert "**0.950 [flowinterp]**" in b and "**0.400**" in b and "<u>0.300</u>" in c
+    assert "n/a (" in b and "b / CLIP-T: why CLIP-T" in notes

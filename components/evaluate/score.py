@@ -107,7 +107,7 @@ class Scorer:
         est, key = (self.raft, "dynamic_degree") if self.raft else (self.dis, "dynamic_degree_dis")
         out[key] = M.present(M.dynamic_degree(flow_magnitude(est(frames)), short))
         if len(frames) < 3:
-            out["motion_smoothness"] = M.absent("needs at least 3 frames")
+            out["motion_smoothness" if self.amt else "motion_smoothness_flowinterp"] = M.absent("needs at least 3 frames")
         elif self.amt:
             out["motion_smoothness"] = M.present(M.motion_smoothness(frames, self.amt))
         else:
