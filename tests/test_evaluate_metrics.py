@@ -263,3 +263,14 @@ def test_compare_table_layout_marks_and_footnotes():
     c = next(x for x in lines if x.startswith("| c |"))
     assert "**0.950 [flowinterp]**" in b and "**0.400**" in b and "<u>0.300</u>" in c
     assert "n/a (" in b and "b / CLIP-T: why CLIP-T" in notes
+
+
+def test_unsplash_photo_ids_and_offline_error(tmp_path, monkeypatch):
+    from motioncharacter.components.evaluate import fetch
+
+    assert fetch.photo_id("https://unsplash.com/photos/a-woman-with-a-black-dress-y42-7lT5hjM") == "y42-7lT5hjM"
+    urls = tmp_path / "list.txt"
+    urls.write_text("https://unsplash.com/photos/a-close-up-01RAM49zduU\n")
+    monkeypatch.setattr(fetch, "DOWNLOAD", "http://127.0.0.1:9/{id}")  # nothing listens on the discard port
+    with pytest.raises(fetch.OfflineError, match="offline"):
+        fetch.fetch(str(tmp_path / "out"), str(urls), progress=False)
