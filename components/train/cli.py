@@ -1,0 +1,48 @@
+"""``motioncharacter train``: DeepSpeed training of the MotionCharacter adapter."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train the MotionCharacter adapter with DeepSpeed (CPU/gloo or N GPUs)",
+        description="Train the MotionCharacter adapter on a prepared manifest with DeepSpeed. Runs as one "
+        "process on a CPU, or one process per GPU under `deepspeed` / `torchrun` (see README, Training). "
+        "Exit status 143 means a SIGTERM stopped the run after saving a checkpoint; rerun with --resume.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="training YAML; overrides the packaged train.yaml key by key")
+    p.add_argument("--data", required=True, metavar="MANIFEST",
+                   help="manifest.jsonl from `motioncharacter data prepare` (local path or s3://)")
+    p.add_argument("--output", required=True, metavar="URI",
+                   help="folder or s3:// prefix for checkpoints, the adapter export and steps.jsonl (local)")
+    p.add_argument("--weights", metavar="DIR_OR_URI", help="base weights folder or s3:// prefix (model.weights)")
+    p.add_argument("--preset", choices=["tiny"], help="train a preset model instead of --weights (tests, demos)")
+    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps in total (train.steps)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --output (starts fresh when there is none)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set train.zero_stage=3 (repeatable)")
+    p.set_defaults(func=run)
+
+
+def resolve(args):
+    from motioncharacter.config import load
+
+    from .settings import TrainConfig
+
+    overrides = list(args.set)
+    if args.weights:
+        overrides += [f"model.weights={args.weights}", "model.preset="]
+    if args.preset:
+        overrides += [f"model.preset={args.preset}", "model.weights="]
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    return load(TrainConfig, "train.yaml", args.config, overrides)
+
+
+def run(args) -> int:
+    cfg = resolve(args)
+    from .trainer import Trainer
+
+    return Trainer(cfg, args.data, args.output, resume=args.resume).run()

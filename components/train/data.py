@@ -1,0 +1,219 @@
+"""The prepared manifest as training batches (paper sec. 3.4 and 4.1).
+
+Every random choice (which clips, window, flip, reference face, dropouts) is drawn from
+generators seeded by (seed, micro-step, rank[, slot]), never from global state, so a run
+resumed at step s sees exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+from motioncharacter import storage
+
+from .settings import DataSettings
+
+log = logging.getLogger("motioncharacter.train")
+REF_SIZE = 224  # reference crops are fed to the CLIP image processor and the face models at this size
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-spread 63-bit seed from integers (seed, step, rank, ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass
+class Manifest:
+    uri: str
+    base: str          # folder or s3:// prefix the relative paths resolve against
+    records: list[dict]  # kept records only
+    total: int         # all records, kept or not
+    sha256: str
+
+    def path(self, rel: str) -> str:
+        return storage.join(self.base, rel)
+
+
+def read_manifest(uri: str) -> Manifest:
+    """Kept records of a manifest.jsonl (local or s3://), or a ValueError saying why none."""
+    raw = storage.read_bytes(uri)
+    records, dropped = [], {}
+    for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{uri} line {n} is not JSON ({e.msg})") from None
+        if rec.get("kept"):
+            for key in ("frames", "masks"):
+                if not rec.get(key):
+                    raise ValueError(f"{uri} line {n} ({rec.get('clip')}): kept clip without '{key}'")
+            records.append(rec)
+        else:
+            for r in rec.get("reasons") or ["unknown"]:
+                dropped[r] = dropped.get(r, 0) + 1
+    total = len(records) + sum(dropped.values())
+    if not records:
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items())) or "the file is empty"
+        raise ValueError(f"manifest {uri} has no kept clips to train on ({why}); "
+                         "run `motioncharacter data prepare` on usable inputs")
+    base = uri.rsplit("/", 1)[0] if storage.is_s3(uri) else str(Path(uri).resolve().parent)
+    return Manifest(uri, base, records, total, hashlib.sha256(raw).hexdigest())
+
+
+def check_files(m: Manifest, limit: int = 5) -> None:
+    """Every file of a local manifest exists (object stores are checked when read)."""
+    if storage.is_s3(m.base):
+        return
+    missing = []
+    for rec in m.records:
+        for rel in list(dict.fromkeys(rec["frames"])) + [rec["masks"]] + list(rec.get("faces") or []):
+            if not os.path.isfile(m.path(rel)):
+                missing.append(f"{rec['clip']}: {rel}")
+    if missing:
+        more = f" and {len(missing) - limit} more" if len(missing) > limit else ""
+        raise FileNotFoundError(f"manifest {m.uri} names files that do not exist under {m.base}: "
+                                f"{'; '.join(missing[:limit])}{more}")
+
+
+def resize_crop(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize the short side to ``size`` and centre-crop to size x size (HxW or HxWxC)."""
+    h, w = img.shape[:2]
+    s = size / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+    img = cv2.resize(img, (nw, nh), interpolation=interp)
+    y, x = (nh - size) // 2, (nw - size) // 2
+    return img[y:y + size, x:x + size]
+
+
+class ManifestDataset(Dataset):
+    """Items are keyed (micro_step, slot, index) by ``StepBatchSampler``; each is a dict of
+    frames (F, 3, R, R) float32 in [-1, 1], masks (F, R, R) float32, ref (224, 224, 3) uint8,
+    face_emb (d,), caption, action, intensity, keep_image, keep_clip, clip."""
+
+    def __init__(self, manifest: Manifest, cfg: DataSettings, resolution: int, seed: int = 0, rank: int = 0,
+                 face_dim: int = 128, arcface_pack: str = ""):
+        self.m, self.cfg, self.res, self.seed, self.rank = manifest, cfg, resolution, seed, rank
+        self.face_dim, self.arcface_pack = face_dim, arcface_pack
+        self._embedder = None
+        self._emb_cache: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.m.records)
+
+    def weights(self) -> torch.Tensor:
+        w = torch.tensor([float(r.get("sample_weight") or 0.0) for r in self.m.records], dtype=torch.double)
+        return w if float(w.sum()) > 0 else torch.ones(len(w), dtype=torch.double)
+
+    # ---- reading --------------------------------------------------------------------------
+    def _bytes(self, rec: dict, rel: str) -> bytes:
+        uri = self.m.path(rel)
+        try:
+            return storage.read_bytes(uri)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"clip {rec['clip']} of {self.m.uri}: {uri} does not exist") from None
+
+    def _image(self, rec: dict, rel: str) -> np.ndarray:
+        img = cv2.imdecode(np.frombuffer(self._bytes(rec, rel), np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            raise ValueError(f"clip {rec['clip']} of {self.m.uri}: {rel} is not a readable image")
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+    def _masks(self, rec: dict) -> np.ndarray:
+        with np.load(io.BytesIO(self._bytes(rec, rec["masks"]))) as z:
+            return z["masks"].astype(np.float32)
+
+    def _face_embedding(self, rel: str, crop: np.ndarray) -> np.ndarray:
+        """The ID encoder's face embedding (SFace, or ArcFace from a pack) of a face-pool crop."""
+        if rel not in self._emb_cache:
+            from motioncharacter import faces
+
+            if self._embedder is None:
+                self._embedder = faces.embedder(self.arcface_pack or None)
+            found = faces.detector().detect(crop)
+            if found:
+                emb = self._embedder.embed(crop, max(found, key=lambda f: f.area)).astype(np.float32)
+            else:  # a face-pool crop always held a face; a miss here is rare, so train without E_arc
+                log.warning("no face found again in %s; using a zero face embedding", rel)
+                emb = np.zeros(self.face_dim, np.float32)
+            if emb.shape[-1] != self.face_dim:
+                raise ValueError(f"the adapter expects {self.face_dim}-d face embeddings, the face embedder "
+                                 f"gives {emb.shape[-1]}-d (set model.arcface_pack to match the adapter)")
+            self._emb_cache[rel] = emb
+        return self._emb_cache[rel]
+
+    # ---- one item --------------------------------------------------------------------------
+    def __getitem__(self, key) -> dict:
+        step, slot, idx = key
+        rec = self.m.records[idx]
+        rng = np.random.default_rng(mix_seed(self.seed, step, self.rank, slot))
+        n, c = self.cfg.num_frames, self.cfg
+        paths = list(rec["frames"])
+        start = int(rng.integers(0, len(paths) - n + 1)) if len(paths) > n else 0
+        sel = list(range(start, min(start + n, len(paths))))
+        sel += [sel[-1]] * (n - len(sel))  # short clip: repeat the last frame (and mask)
+        cache: dict[str, np.ndarray] = {}  # stills repeat one path: read it once
+        for i in sel:
+            if paths[i] not in cache:
+                cache[paths[i]] = resize_crop(self._image(rec, paths[i]), self.res)
+        frames = np.stack([cache[paths[i]] for i in sel])
+        masks = self._masks(rec)
+        masks = np.stack([resize_crop(masks[min(i, len(masks) - 1)], self.res) for i in sel])
+        if rng.random() < c.flip_prob:  # same flip for frames and masks
+            frames, masks = frames[:, :, ::-1], masks[:, :, ::-1]
+        pool = list(rec.get("faces") or [])
+        if pool:
+            rel = pool[int(rng.integers(len(pool)))]
+            ref = cv2.resize(self._image(rec, rel), (REF_SIZE, REF_SIZE), interpolation=cv2.INTER_AREA)
+            face_emb = self._face_embedding(rel, ref)
+        else:
+            ref = cv2.resize(self._image(rec, paths[0]), (REF_SIZE, REF_SIZE), interpolation=cv2.INTER_AREA)
+            face_emb = self._face_embedding(paths[0], ref)
+        drop_text, drop_image, drop_clip = rng.random(3) < (c.text_dropout, c.image_dropout, c.clip_dropout)
+        intensity = 0.0 if rec.get("still") else float(rec.get("motion_intensity") or 0.0)
+        x = np.ascontiguousarray(frames).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+        return dict(frames=x, masks=np.ascontiguousarray(masks, dtype=np.float32), ref=np.ascontiguousarray(ref),
+                    face_emb=face_emb, caption="" if drop_text else str(rec.get("caption") or ""),
+                    action=str(rec.get("action") or ""), intensity=min(max(intensity, 0.0), 20.0),
+                    keep_image=0.0 if drop_image else 1.0, keep_clip=0.0 if (drop_clip or drop_image) else 1.0,
+                    clip=str(rec["clip"]))
+
+
+class StepBatchSampler:
+    """Batches of keys for micro-steps ``start``..``stop``-1: each micro-step draws its clips
+    with a WeightedRandomSampler (``sample_weight``) seeded by (seed, micro-step, rank)."""
+
+    def __init__(self, weights: torch.Tensor, batch_size: int, start: int, stop: int, seed: int, rank: int = 0):
+        self.weights, self.bs, self.start, self.stop, self.seed, self.rank = weights, batch_size, start, stop, seed, rank
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            g = torch.Generator().manual_seed(mix_seed(self.seed, step, self.rank))
+            idx = list(WeightedRandomSampler(self.weights, self.bs, replacement=True, generator=g))
+            yield [(step, slot, int(i)) for slot, i in enumerate(idx)]
+
+
+def loader(ds: ManifestDataset, batch_size: int, start: int, stop: int, seed: int, rank: int = 0,
+           num_workers: int = 0, prefetch_factor: int = 2):
+    from torch.utils.data import DataLoader
+
+    bs = StepBatchSampler(ds.weights(), batch_size, start, stop, seed, rank)
+    kw = dict(num_workers=num_workers, persistent_workers=False)
+    if num_workers:
+        kw["prefetch_factor"] = prefetch_factor
+    return DataLoader(ds, batch_sampler=bs, **kw)
