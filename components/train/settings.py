@@ -55,7 +55,7 @@ class RunSettings:
     deepspeed_config: str = ""         # JSON file merged over the packaged deepspeed_zero2.json
     checkpoint_every: int = 500
     log_every: int = 1
-    sample_every: int = 1000           # sample video artifact every N steps (0 = only at the end)
+    sample_every: int = 1000           # sample video artifact every N steps and at the end (0 = none)
     sample_steps: int = 0              # denoising steps of sample videos; 0 = the pipeline's default
     sample_prompt: str = "a person talking to the camera"
     sample_action: str = "talking"

@@ -253,7 +253,10 @@ def sample_video(parts: dict, adapter, cfg: TrainConfig, step: int, workdir: Pat
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: str, output: str, resume: bool = False):
         self.cfg, self.data, self.output, self.resume = cfg, data, output.rstrip("/"), resume
-        self.rank, self.local_rank, self.world = setup_distributed()
+        if bool(cfg.model.weights) == bool(cfg.model.preset):
+            raise ValueError("give exactly one of --weights DIR_OR_URI (model.weights) and --preset tiny "
+                             "(model.preset)")
+        self.rank, self.local_rank, self.world = 0, 0, 1
         self.stop_signal: int | None = None
 
     def _on_signal(self, signum, frame):
@@ -271,6 +274,7 @@ class Trainer:
         if existing and not self.resume:
             raise ValueError(f"{self.output} already holds checkpoints (latest {existing}); pass --resume to "
                              "continue that run, or choose another --output")
+        self.rank, self.local_rank, self.world = setup_distributed()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         if device.type == "cuda":
@@ -372,7 +376,7 @@ class Trainer:
             preempt = self._agree(self.stop_signal is not None)
             if step % cfg.train.checkpoint_every == 0 or step == total or preempt:
                 self.save(engine, step, tracker)
-            if tracker and (step == total or (cfg.train.sample_every and step % cfg.train.sample_every == 0)):
+            if tracker and cfg.train.sample_every and (step == total or step % cfg.train.sample_every == 0):
                 tracker.sample(parts, engine, step)
             if preempt:
                 log.warning("stopped by signal at step %d after saving a checkpoint", step)

@@ -1,0 +1,55 @@
+"""Shared data for the training tests: one prepared fixture manifest per session (~10-20 s)."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+_PREPARED: dict[str, Path] = {}
+
+# tiny, fast settings for every test run (4 frames at the tiny preset's 64 px)
+FAST = ["data.num_frames=4", "data.num_workers=0", "train.batch_size=1", "train.sample_every=0",
+        "loss.id_frame_stride=2"]
+
+
+def prepared(tmp_path_factory) -> Path:
+    """A folder holding manifest.jsonl prepared from the project's generated fixtures
+    (three motion clips of known velocity and a still portrait)."""
+    if "dir" not in _PREPARED:
+        from motioncharacter.components.prepare.settings import PrepareConfig
+        from motioncharacter.components.prepare.stage import prepare
+        from motioncharacter.config import load
+        from motioncharacter.fixtures import write_fixtures
+
+        src = tmp_path_factory.mktemp("train-fixtures")
+        out = tmp_path_factory.mktemp("train-prepared")
+        write_fixtures(src, velocities=(0, 8), bad_inputs=False)
+        prepare(str(src), str(out), load(PrepareConfig, "prepare.yaml", overrides=["filters.ocr=false"]),
+                track=False, progress=False)
+        _PREPARED["dir"] = out
+    return _PREPARED["dir"]
+
+
+def copy_prepared(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def train_env(tmp: Path) -> dict[str, str]:
+    """Environment of a training subprocess: CPU DeepSpeed, embedded MLflow in ``tmp``, and the
+    shared DeepSpeed op cache (the first build of its op takes up to a minute)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    env.update(DS_ACCELERATOR="cpu", MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1")
+    return env
+
+
+def train_cmd(manifest: Path | str, output: Path | str, steps: int, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "motioncharacter.cli", "train", "--data", str(manifest), "--output", str(output),
+           "--preset", "tiny", "--steps", str(steps)]
+    for s in FAST:
+        cmd += ["--set", s]
+    return cmd + list(extra)
