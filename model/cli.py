@@ -4,12 +4,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEFAULTS = {  # frames, height, width, steps
-    "tiny": (8, 64, 64, 4),
-    None: (16, 512, 512, 25),
-}
-
-
 def add_commands(sub) -> None:
     p = sub.add_parser(
         "generate", help="generate a video of the person in a reference image",
@@ -28,11 +22,11 @@ def add_commands(sub) -> None:
                    help="motion intensity in [0, 20] (mean foreground optical flow; 0 = still)")
     p.add_argument("--out", required=True, metavar="FILE", help="output video, .mp4 or .gif")
     p.add_argument("--negative-prompt", default="", metavar="TEXT", help="what to keep out of the video")
-    p.add_argument("--frames", type=int, help="number of frames (default: 8 for tiny, else 16)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 4 for tiny, else 25)")
+    p.add_argument("--frames", type=int, help="number of frames (default: 16; 8 for tiny models)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 25; 4 for tiny models)")
     p.add_argument("--guidance", type=float, default=8.0, help="classifier-free guidance scale (> 1 enables it)")
-    p.add_argument("--height", type=int, help="frame height in pixels (default: 64 for tiny, else 512)")
-    p.add_argument("--width", type=int, help="frame width in pixels (default: 64 for tiny, else 512)")
+    p.add_argument("--height", type=int, help="frame height in pixels (default: the model's native size, 512 for SD1.5, 64 for tiny)")
+    p.add_argument("--width", type=int, help="frame width in pixels (default: the model's native size, 512 for SD1.5, 64 for tiny)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same inputs and seed give the same video")
     p.add_argument("--id-scale", type=float, default=1.0, help="lambda: weight of the identity tokens (eq. 3)")
     p.add_argument("--motion-scale", type=float, default=1.0, help="alpha: weight of the motion attention (eq. 8)")
@@ -56,7 +50,6 @@ def run_generate(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".mp4", ".gif"):
         raise UserError(f"--out must end in .mp4 or .gif, got {out.name}")
-    frames_d, h_d, w_d, steps_d = DEFAULTS[args.preset]
     # Cheap checks first: a bad image or face fails before minutes of model loading.
     try:
         rgb = load_reference_image(args.image)
@@ -70,13 +63,14 @@ def run_generate(args) -> int:
         raise UserError(str(e)) from None
 
     pipe = load_pipeline(weights=args.weights, preset=args.preset, device=args.device, arcface_pack=args.arcface_pack)
-    steps = args.steps or steps_d
+    d = pipe.defaults  # sizes that suit the loaded weights
+    steps = args.steps or d["steps"]
     with tqdm(total=steps, desc="denoising", unit="step") as bar:
         video = generate(
             pipe, image=rgb, prompt=args.prompt, negative_prompt=args.negative_prompt, action=args.action,
             intensity=args.intensity, id_scale=args.id_scale, motion_scale=args.motion_scale, steps=steps,
-            guidance=args.guidance, frames=args.frames or frames_d, height=args.height or h_d,
-            width=args.width or w_d, seed=args.seed, face_index=args.face_index,
+            guidance=args.guidance, frames=args.frames or d["frames"], height=args.height or d["height"],
+            width=args.width or d["width"], seed=args.seed, face_index=args.face_index,
             progress=lambda i, n: bar.update(i - bar.n))
     from motioncharacter.video import write_video
 

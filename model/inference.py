@@ -28,7 +28,7 @@ def load_pipeline(weights: str | None = None, preset: str | None = None, device:
     from motioncharacter.faces import embedder
 
     from .adapter import MotionCharacterAdapter
-    from .presets import PRESETS, build_tiny
+    from .presets import PRESETS, TINY, build_tiny
 
     if (weights is None) == (preset is None):
         raise ValueError("pass exactly one of weights (a folder or s3:// URI) and preset (e.g. 'tiny')")
@@ -51,6 +51,12 @@ def load_pipeline(weights: str | None = None, preset: str | None = None, device:
                 parts["unet"], clip_image_dim=parts["image_encoder"].config.projection_dim, face_dim=face_dim)
     pipe = MotionCharacterPipeline(**parts)
     pipe.face_embedder = face
+    # sizes that suit the weights (diffusers' rule: UNet sample size x VAE factor); a model that
+    # small (the tiny preset, or tiny weights saved to a folder) gets smoke-test frames/steps too
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    small = native <= TINY["height"]
+    pipe.defaults = dict(frames=TINY["frames"] if small else 16, height=native, width=native,
+                         steps=TINY["steps"] if small else 25)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -71,7 +77,8 @@ def generate(pipe: MotionCharacterPipeline, *, image: np.ndarray | str, prompt: 
              progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """uint8 frames (F, H, W, 3). Every argument is validated first (ValueError naming it);
     a reference without exactly one face raises motioncharacter.faces.FaceError (a ValueError)
-    unless ``face_index`` picks one. For the tiny preset use e.g. frames=8, height=width=64."""
+    unless ``face_index`` picks one. The defaults suit real SD1.5 weights; for the tiny preset pass
+    small sizes, e.g. ``**pipe.defaults`` (frames=8, height=width=64, steps=4)."""
     with torch.inference_mode():
         return pipe(image=image, prompt=prompt, negative_prompt=negative_prompt, action=action, intensity=intensity,
                     id_scale=id_scale, motion_scale=motion_scale, num_inference_steps=steps,

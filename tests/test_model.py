@@ -307,3 +307,24 @@ def test_cfg_unconditional_branch_is_base_model(pipe):
         for lin in (layer.to_k_id, layer.to_v_id, layer.to_k_motion, layer.to_v_motion):
             assert lin.bias is None
     assert math.isclose(pipe.adapter.config.face_dim, 128)
+
+
+@pytest.mark.services
+def test_weights_and_adapter_through_s3(stack, hopper, tmp_path):
+    from motioncharacter import storage
+    from motioncharacter.model.inference import generate, load_pipeline
+    from motioncharacter.model.loading import load_adapter, save_adapter
+    from motioncharacter.model.presets import save_tiny_weights
+
+    uri = f"s3://{stack.bucket}/weights/tiny"
+    storage.upload_dir(save_tiny_weights(tmp_path / "w"), uri)
+    pipe = load_pipeline(weights=uri)
+    assert generate(pipe, image=hopper, prompt="a woman", **TINY).shape == (8, 64, 64, 3)
+    ad = _randomize(pipe.adapter)
+    save_adapter(ad, f"s3://{stack.bucket}/adapters/run1")
+    back = load_adapter(f"s3://{stack.bucket}/adapters/run1")
+    assert all(torch.equal(a, b) for a, b in zip(ad.state_dict().values(), back.state_dict().values()))
+
+
+def test_pipeline_defaults_follow_the_weights(pipe):
+    assert pipe.defaults == {"frames": 8, "height": 64, "width": 64, "steps": 4}
