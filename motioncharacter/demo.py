@@ -1,41 +1,73 @@
-"""``motioncharacter demo``: the README's main job on the project's own generated data.
+"""``motioncharacter demo``: the README's main job, on this machine, with no downloads.
 
-Until the whole Kubeflow pipeline runs locally, the main job is data preparation:
-generate the fixture clips (programmed motion of known magnitude + bad inputs) and
-turn them into a training manifest, tracked in MLflow.
+It starts the local services (S3 object store + MLflow server), then runs the whole Kubeflow
+pipeline locally with kfp.local on the tiny preset: generated fixture clips -> data
+preparation -> DeepSpeed training -> evaluation -> (gate) deployment to a Triton model
+repository -> one video generated through a real Triton server. ``--data-only`` runs just
+the data-preparation stage (about a minute).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("demo", help="run the main job locally on generated fixtures (no downloads)",
-                       description="Generate demo clips, prepare them into a dataset and log an MLflow run. "
-                       "Uses the local stack (S3 + MLflow) when `motioncharacter stack up` is running, "
-                       "local files and sqlite MLflow otherwise.")
-    p.add_argument("--workdir", default="outputs/demo", help="where fixtures and results go (default: %(default)s)")
-    p.add_argument("--output", help="dataset output folder or s3:// URI (default: WORKDIR/prepared)")
+    p = sub.add_parser("demo", help="run the whole pipeline locally on generated fixtures (no downloads)",
+                       description=__doc__.split("\n\n")[1])
+    p.add_argument("--workdir", default="outputs/demo", help="local folder for outputs (default: %(default)s)")
+    p.add_argument("--no-stack", action="store_true",
+                   help="do not start the local S3 + MLflow services: local files and sqlite MLflow instead")
+    p.add_argument("--data-only", action="store_true", help="only generate fixtures and prepare the dataset")
+    p.add_argument("--train-steps", type=int, default=4, help="training steps of the tiny model (default: 4)")
     p.set_defaults(func=_demo)
 
 
+def _services(args):
+    from motioncharacter.stack import Stack, load_stack_env
+
+    if args.no_stack:
+        return None
+    print("[services] starting the local S3 server and MLflow server (motioncharacter stack up)")
+    stack = Stack(None, s3_port=None, mlflow_port=None)
+    stack.up()
+    load_stack_env()
+    return stack
+
+
 def _demo(args) -> int:
-    from motioncharacter.components.prepare.settings import PrepareConfig
-    from motioncharacter.components.prepare.stage import prepare, write_summary_table
-    from motioncharacter.config import load
-    from motioncharacter.fixtures import write_fixtures
+    work = Path(args.workdir).resolve()
+    stack = _services(args)
     from motioncharacter.tracking import tracking_uri
 
-    work = Path(args.workdir)
-    print(f"[1/2] writing fixture clips to {work / 'fixtures'}")
-    fixtures = write_fixtures(work / "fixtures")
-    out = args.output or str(work / "prepared")
-    print(f"[2/2] preparing the dataset into {out}")
-    summary = prepare(str(fixtures), out, load(PrepareConfig, "prepare.yaml"))
-    print(write_summary_table(summary))
-    print(f"manifest:      {out}/manifest.jsonl")
-    print(f"pictures:      {out}/contact_sheet.png, {out}/intensity_histogram.png")
-    print(f"mlflow run:    {summary.get('mlflow_run_id')} at {tracking_uri()}")
-    if tracking_uri().startswith("sqlite"):
-        print(f"browse it:     .venv/bin/mlflow ui --backend-store-uri {tracking_uri()}")
+    if args.data_only:
+        from motioncharacter.pipelines.steps import prepare_step
+
+        out = f"s3://{stack.bucket}/demo/prepared" if stack else str(work / "prepared")
+        manifest = prepare_step("fixtures", out, [])
+        print(f"manifest: {manifest}\nmlflow: {tracking_uri()}")
+        return 0
+
+    from motioncharacter.pipelines.run import run_local
+
+    params = {"train_steps": args.train_steps}
+    if stack:
+        params.update(work_uri=f"s3://{stack.bucket}/demo", model_repository=f"s3://{stack.bucket}/demo/model_repository")
+    else:
+        params.update(work_uri=str(work / "pipeline"), model_repository=str(work / "model_repository"))
+    print("[pipeline] prepare -> train -> evaluate -> deploy -> Triton smoke test (kfp.local)")
+    result = run_local(params, str(work / "kfp"))
+    print(json.dumps(result["params"], indent=1))
+    smoke = f"{params['work_uri']}/smoke/smoke.mp4"
+    from motioncharacter import storage
+
+    if storage.exists(smoke):
+        local = work / "smoke.mp4"
+        storage.download_file(smoke, local)
+        print(f"video generated through the deployed Triton endpoint: {local} (from {smoke})")
+    else:
+        print("the evaluation gate did not pass, so nothing was deployed (see the evaluate step's log)")
+    print(f"MLflow: {tracking_uri()} (experiments motioncharacter-data, -train, -eval)")
+    if stack:
+        print("the services keep running; stop them with: .venv/bin/motioncharacter stack down")
     return 0

@@ -85,7 +85,8 @@ def motioncharacter_pipeline(
     train_steps: int = 4,
     eval_set: str = "fixtures",
     eval_limit: int = 2,
-    thresholds: dict = {"intensity_spearman": -1.0},
+    # {metric: minimum} or {metric: {"min": a, "max": b}}; names as `motioncharacter evaluate` reports them
+    thresholds: dict = {"motion_smoothness_flowinterp": 0.5},
     ablations: list = [],
     prepare_overrides: list = ["filters.ocr=false"],
     train_overrides: list = [],

@@ -123,14 +123,18 @@ def _value(metric) -> float | None:
 
 
 def gate(metrics: dict, thresholds: dict) -> tuple[bool, str]:
-    """All thresholds met? Missing (not computed) metrics fail, with the reason."""
+    """All thresholds met? ``{metric: minimum}`` or ``{metric: {"min": a, "max": b}}``.
+    A metric that was not computed fails the gate, with the reason."""
     problems = []
-    for name, minimum in thresholds.items():
+    for name, bound in thresholds.items():
+        lo, hi = (bound.get("min"), bound.get("max")) if isinstance(bound, dict) else (bound, None)
         v = _value(metrics.get(name))
         if v is None:
             problems.append(f"{name} not computed")
-        elif v < float(minimum):
-            problems.append(f"{name} {v:.3f} < {minimum}")
+        elif lo is not None and v < float(lo):
+            problems.append(f"{name} {v:.3f} < {lo}")
+        elif hi is not None and v > float(hi):
+            problems.append(f"{name} {v:.3f} > {hi}")
     return not problems, "; ".join(problems) or "all thresholds met"
 
 

@@ -55,6 +55,8 @@ def test_gate():
     assert not ok and "0.300 < 0.4" in why
     ok, why = gate({"clip_t": {"value": None, "reason": "no CLIP weights"}}, {"clip_t": 0.2})
     assert not ok and "clip_t not computed" in why
+    assert gate({"intensity_mae": 3.0}, {"intensity_mae": {"max": 2.0}}) == (False, "intensity_mae 3.000 > 2.0")
+    assert gate({"intensity_mae": 1.0}, {"intensity_mae": {"min": 0.5, "max": 2.0}})[0]
 
 
 def test_ablation_switches_are_real_training_settings():
