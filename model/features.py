@@ -133,9 +133,9 @@ def load_pipeline(weights: str | None = None, preset: str | None = None, device:
             raise ValueError(f"unknown ControlNet kind {kind!r}; choose from {', '.join(ctl.KINDS)}")
     pipe = base_load(weights=weights, preset=preset, device=device, arcface_pack=arcface_pack)
     if base_checkpoint:
-        from .community import apply_base_checkpoint
+        from .community import apply_base_checkpoint, base_unet_config
 
-        apply_base_checkpoint(pipe, base_checkpoint)
+        apply_base_checkpoint(pipe, base_checkpoint, base_unet_config(weights, preset))
     pipe.feature_sources = dict(weights=weights, preset=preset, controlnets=dict(controlnets or {}))
     pipe.feature_parts = {}
     return pipe
