@@ -464,11 +464,19 @@ class _Tracker:
         tracking.check_server()
         mlflow.set_tracking_uri(tracking.tracking_uri())
         mlflow.set_experiment(cfg.experiment)
+        tags = {"ablation": cfg.ablation_name(), "stage": "train"}
         if self.run_id:
-            self._run = mlflow.start_run(run_id=self.run_id)
-            mlflow.set_tag("resumed", "true")
-            return
-        self._run = mlflow.start_run(tags={"ablation": cfg.ablation_name(), "stage": "train"})
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self._run = mlflow.start_run(run_id=self.run_id)
+                mlflow.set_tag("resumed", "true")
+                return
+            except MlflowException:  # another tracking server than the checkpoint's: a new, linked run
+                log.warning("MLflow run %s of the checkpoint is not on %s; starting a new run",
+                            self.run_id, tracking.tracking_uri())
+                tags["resumed_from_run"] = self.run_id
+        self._run = mlflow.start_run(tags=tags)
         self.run_id = self._run.info.run_id
         tracking.log_params(to_dict(cfg))
         tracking.log_params(self.ds_cfg, prefix="deepspeed.")
