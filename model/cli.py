@@ -35,6 +35,9 @@ def add_commands(sub) -> None:
                    help="insightface model pack for ArcFace embeddings (default: the offline SFace model)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of the written video")
+    from .feature_cli import add_arguments
+
+    add_arguments(p)  # --mode, identity mixing, Content Guider, ControlNets, long videos, base checkpoint
     p.set_defaults(func=run_generate)
 
 
@@ -44,7 +47,8 @@ def run_generate(args) -> int:
     from motioncharacter import faces
     from motioncharacter.cli import UserError
 
-    from .inference import generate, load_pipeline
+    from . import feature_cli
+    from .features import generate, load_pipeline
     from .pipeline import load_reference_image
 
     out = Path(args.out)
@@ -62,7 +66,12 @@ def run_generate(args) -> int:
     except faces.FaceError as e:
         raise UserError(str(e)) from None
 
-    pipe = load_pipeline(weights=args.weights, preset=args.preset, device=args.device, arcface_pack=args.arcface_pack)
+    try:
+        feature_cli.precheck(args, args.frames)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    pipe = load_pipeline(weights=args.weights, preset=args.preset, device=args.device, arcface_pack=args.arcface_pack,
+                         **feature_cli.load_kwargs(args))
     d = pipe.defaults  # sizes that suit the loaded weights
     steps = args.steps or d["steps"]
     with tqdm(total=steps, desc="denoising", unit="step") as bar:
@@ -71,7 +80,7 @@ def run_generate(args) -> int:
             intensity=args.intensity, id_scale=args.id_scale, motion_scale=args.motion_scale, steps=steps,
             guidance=args.guidance, frames=args.frames or d["frames"], height=args.height or d["height"],
             width=args.width or d["width"], seed=args.seed, face_index=args.face_index,
-            progress=lambda i, n: bar.update(i - bar.n))
+            progress=lambda i, n: bar.update(i - bar.n), **feature_cli.feature_kwargs(args))
     from motioncharacter.video import write_video
 
     write_video(video, out, fps=args.fps)
