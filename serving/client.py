@@ -171,6 +171,8 @@ class MotionCharacterClient:
         out = []
         for name, v in values.items():
             _, dtype, _, _ = INPUTS[name]
+            if name in ("mix_image", "cloth_image", "pose_video", "depth_video") and not isinstance(v, bytes):
+                v = _image_bytes(v) if not isinstance(v, str) or v else b""  # arrays, paths, s3:// URIs
             arr = np.array([v.encode() if isinstance(v, str) else v], dtype=dtype)
             if batched:
                 arr = arr[None]

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 
 def inference_api():
-    """The module with ``load_pipeline`` and ``generate``: motioncharacter.model.inference."""
-    from motioncharacter.model import inference
+    """The module with ``load_pipeline`` and ``generate``: motioncharacter.model.features, whose
+    functions extend motioncharacter.model.inference's with the ID-Animator/DreaMoving options."""
+    from motioncharacter.model import features
 
-    return inference
+    return features

@@ -28,7 +28,22 @@ INPUTS: dict[str, tuple[str, type, bool, object]] = {
     "width": ("TYPE_INT32", np.int32, True, 512),
     "seed": ("TYPE_INT64", np.int64, True, 0),
     "face_index": ("TYPE_INT32", np.int32, True, -1),      # -1: exactly one face expected
+    # ID-Animator / DreaMoving features (motioncharacter.model.features); -1 / "" = not set
+    "mode": ("TYPE_STRING", np.object_, True, ""),         # motioncharacter | id-animator | dreamoving
+    "mix_image": ("TYPE_STRING", np.object_, True, b""),   # second identity, encoded image bytes
+    "mix_ratio": ("TYPE_FP32", np.float32, True, -1.0),
+    "face_weight": ("TYPE_FP32", np.float32, True, -1.0),  # alpha_f (dreamoving)
+    "cloth_image": ("TYPE_STRING", np.object_, True, b""), # cloth/body image prompt (dreamoving)
+    "cloth_weight": ("TYPE_FP32", np.float32, True, -1.0), # alpha_c
+    "pose_video": ("TYPE_STRING", np.object_, True, b""),  # mp4 bytes of pose maps, one per frame
+    "pose_keypoints": ("TYPE_STRING", np.object_, True, ""),  # OpenPose-style keypoint JSON
+    "depth_video": ("TYPE_STRING", np.object_, True, b""), # mp4 bytes of depth maps
+    "pose_scale": ("TYPE_FP32", np.float32, True, 1.0),
+    "depth_scale": ("TYPE_FP32", np.float32, True, 1.0),
+    "context_length": ("TYPE_INT32", np.int32, True, 0),   # FreeNoise window; 0 = automatic
+    "context_stride": ("TYPE_INT32", np.int32, True, 4),
 }
+BYTES_INPUTS = ("image", "mix_image", "cloth_image", "pose_video", "depth_video")
 MAX_INTENSITY = 20.0  # motion intensity M is capped at 20 in the data (paper, eq. 7)
 
 
@@ -99,7 +114,7 @@ def parse(get: Callable[[str], np.ndarray | None], limits: Limits) -> dict:
         if dtype is np.object_:
             if value.size != 1:
                 raise ValueError(f"input '{name}' must hold exactly one value, got shape {list(value.shape)}")
-            raw[name] = value.reshape(-1)[0] if name == "image" else _text(value, name)
+            raw[name] = value.reshape(-1)[0] if name in BYTES_INPUTS else _text(value, name)
         else:
             raw[name] = _scalar(value, name).item()
 
@@ -148,4 +163,47 @@ def parse(get: Callable[[str], np.ndarray | None], limits: Limits) -> dict:
     kw["seed"] = seed
     face_index = int(raw["face_index"])
     kw["face_index"] = None if face_index < 0 else face_index
+    kw.update(parse_features(raw, limits))
+    return kw
+
+
+def parse_features(raw: dict, limits: Limits) -> dict:
+    """The feature inputs that were set, as ``features.generate`` keywords (checked again there)."""
+    kw: dict = {}
+    if raw["mode"]:
+        kw["mode"] = raw["mode"]
+    for name in ("mix_image", "cloth_image"):
+        data = raw[name]
+        data = data.encode() if isinstance(data, str) else bytes(data)
+        if data:
+            kw[name] = decode_image(data, limits.max_image_bytes, limits.max_image_pixels)
+    for name in ("pose_video", "depth_video"):
+        data = raw[name]
+        data = data.encode() if isinstance(data, str) else bytes(data)
+        if len(data) > 4 * limits.max_image_bytes:
+            raise ValueError(f"input '{name}' is {len(data):,} bytes, over this server's limit")
+        if data:
+            kw[name] = data
+    if raw["pose_keypoints"]:
+        if len(raw["pose_keypoints"]) > 4 * limits.max_image_bytes:
+            raise ValueError("input 'pose_keypoints' is over this server's size limit")
+        kw["pose_keypoints"] = raw["pose_keypoints"]
+    for name in ("mix_ratio", "face_weight", "cloth_weight"):
+        v = float(raw[name])
+        if v != -1.0:
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"input '{name}' must be a finite number >= 0 (or -1 for unset), got {v}")
+            kw[name] = v
+    for name in ("pose_scale", "depth_scale"):
+        v = float(raw[name])
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"input '{name}' must be a finite number >= 0, got {v}")
+        if v != 1.0:
+            kw[name] = v
+    if int(raw["context_length"]) < 0:
+        raise ValueError(f"input 'context_length' must be >= 0 (0 = automatic), got {int(raw['context_length'])}")
+    if int(raw["context_length"]):
+        kw["context_length"] = int(raw["context_length"])
+    if int(raw["context_stride"]) != 4:
+        kw["context_stride"] = int(raw["context_stride"])
     return kw
