@@ -200,3 +200,32 @@ def test_cli_needs_weights_or_preset(prep, tmp_path, capsys):
 
     rc = main(["train", "--data", str(prep / "manifest.jsonl"), "--output", str(tmp_path / "o")])
     assert rc == 1 and "--weights" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_same_gradients_base_frozen(prep):
+    """Checkpointed UNet blocks take inputs that need no grad (frozen base): the adapter inside
+    them must still get the same gradients as without checkpointing, and the base none."""
+    from motioncharacter.components.train import trainer as T
+
+    grads = {}
+    for gc in (False, True):
+        cfg = load(TrainConfig, "train.yaml", overrides=[
+            "model.preset=tiny", "data.num_frames=4", f"model.gradient_checkpointing={gc}",
+            "data.image_dropout=0", "data.clip_dropout=0"])
+        parts = T.build_parts(cfg)
+        mod = T.MCTrainModule(parts["unet"], parts["adapter"], True)
+        with torch.no_grad():  # non-zero adapter so every branch carries gradient
+            g = torch.Generator().manual_seed(5)
+            for p in mod.adapter.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        m = read_manifest(str(prep / "manifest.jsonl"))
+        batch = next(iter(T.loader(ManifestDataset(m, cfg.data, 64), 1, 0, 1, 0)))
+        loss, parts_ = T.compute_loss(mod, parts, T.face_model(cfg), batch, cfg, torch.Generator().manual_seed(1),
+                                      torch.device("cpu"), torch.float32)
+        loss.backward()
+        assert parts_["loss_id"] > 0
+        assert all(p.grad is None for p in mod.unet.parameters())
+        grads[gc] = {n: p.grad for n, p in mod.adapter.named_parameters()}
+    assert all(g is not None for g in grads[True].values())
+    for n, g in grads[False].items():
+        assert torch.allclose(g, grads[True][n], rtol=1e-4, atol=1e-7), n
