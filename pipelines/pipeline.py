@@ -7,8 +7,6 @@ image (``IMAGE``); all real work is in ``motioncharacter.pipelines.steps``. Kube
 ``kfp.local`` ignores them, and local credentials come from the environment.
 """
 
-from typing import NamedTuple
-
 from kfp import dsl, kubernetes
 
 IMAGE = "ghcr.io/motioncharacter/motioncharacter:0.1.0"
@@ -34,15 +32,22 @@ def train(manifest_uri: str, work_uri: str, preset: str, weights: str, steps: in
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def evaluate(weights_uri: str, eval_set: str, work_uri: str, ablation: str, limit: int, thresholds: dict,
-             overrides: list) -> NamedTuple("EvalResult", [("passed", bool), ("summary", str)]):
-    from collections import namedtuple
-
+def evaluate(weights_uri: str, eval_set: str, work_uri: str, ablation: str, limit: int, overrides: list) -> str:
     from motioncharacter.pipelines.steps import evaluate_step, stage_uri
 
-    passed, summary = evaluate_step(weights_uri, eval_set, stage_uri(work_uri, "eval", ablation), limit,
-                                    thresholds, overrides, run_name=f"evaluate-{ablation}")
-    return namedtuple("EvalResult", ["passed", "summary"])(passed, summary)
+    return evaluate_step(weights_uri, eval_set, stage_uri(work_uri, "eval", ablation), limit, overrides,
+                         run_name=f"evaluate-{ablation}")
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def quality_gate(summary: str, thresholds: dict) -> bool:
+    import json
+
+    from motioncharacter.pipelines.steps import gate
+
+    passed, why = gate(json.loads(summary).get("metrics", {}), thresholds)
+    print(f"evaluation gate {'passed' if passed else 'failed'}: {why}")
+    return passed
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -100,9 +105,12 @@ def motioncharacter_pipeline(
                                    steps=train_steps, ablation="full", overrides=train_overrides), gpu=True, retries=3)
     main.set_caching_options(False)
     ev = _cluster_settings(evaluate(weights_uri=main.output, eval_set=eval_set, work_uri=work_uri, ablation="full",
-                                    limit=eval_limit, thresholds=thresholds, overrides=eval_overrides), gpu=True)
+                                    limit=eval_limit, overrides=eval_overrides), gpu=True)
     ev.set_caching_options(False)
-    with dsl.If(ev.outputs["passed"] == True, name="evaluation-gate"):  # noqa: E712 (a kfp condition)
+    # a separate single-output step: kfp.local resolves conditions on a task's `Output` only
+    ok = quality_gate(summary=ev.output, thresholds=thresholds)
+    ok.set_caching_options(False)
+    with dsl.If(ok.output == True, name="evaluation-gate"):  # noqa: E712 (a kfp condition)
         dep = _cluster_settings(deploy(weights_uri=main.output, model_repository=model_repository))
         dep.set_caching_options(False)
         smoke = _cluster_settings(smoke_test(model_repository=dep.output, triton_url=triton_url, work_uri=work_uri))
@@ -113,5 +121,5 @@ def motioncharacter_pipeline(
                               gpu=True, retries=3)
         t.set_caching_options(False)
         e = _cluster_settings(evaluate(weights_uri=t.output, eval_set=eval_set, work_uri=work_uri, ablation=variant,
-                                       limit=eval_limit, thresholds=thresholds, overrides=eval_overrides), gpu=True)
+                                       limit=eval_limit, overrides=eval_overrides), gpu=True)
         e.set_caching_options(False)

@@ -21,11 +21,11 @@ def ir(tmp_path_factory):
 def test_ir_has_every_component(ir):
     spec, _ = ir
     comps = set(spec["components"])
-    for name in ("comp-prepare", "comp-train", "comp-evaluate", "comp-deploy", "comp-smoke-test"):
+    for name in ("comp-prepare", "comp-train", "comp-evaluate", "comp-quality-gate", "comp-deploy", "comp-smoke-test"):
         assert name in comps
     tasks = spec["root"]["dag"]["tasks"]
-    assert {"prepare", "train", "evaluate", "condition-1", "for-loop-2"} <= set(tasks)
-    assert "pipelinechannel--evaluate-passed" in tasks["condition-1"]["triggerPolicy"]["condition"]
+    assert {"prepare", "train", "evaluate", "quality-gate", "condition-1", "for-loop-2"} <= set(tasks)
+    assert "pipelinechannel--quality-gate-Output" in tasks["condition-1"]["triggerPolicy"]["condition"]
     assert tasks["for-loop-2"]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--ablations"
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"ghcr.io/motioncharacter/motioncharacter:0.1.0", "ghcr.io/motioncharacter/motioncharacter:0.1.0-cuda"}
