@@ -50,6 +50,11 @@ def piqe_score(frame: np.ndarray) -> float:
     return float(score)
 
 
+def _features(out):
+    """transformers 5 returns an output object whose pooler_output is the projected embedding."""
+    return out if hasattr(out, "norm") else out.pooler_output
+
+
 class ClipIQA:
     """CLIP-IQA (Wang et al. 2023): softmax over cos-sim with "Good photo." / "Bad photo.".
 
@@ -68,7 +73,7 @@ class ClipIQA:
         self.processor = CLIPProcessor.from_pretrained(path)
         with torch.inference_mode():
             t = self.processor(text=["Good photo.", "Bad photo."], return_tensors="pt", padding=True)
-            e = self.model.get_text_features(**t)
+            e = _features(self.model.get_text_features(**t))
             self.text = e / e.norm(dim=-1, keepdim=True)
 
     def __call__(self, frame: np.ndarray) -> float:
@@ -76,7 +81,7 @@ class ClipIQA:
 
         with torch.inference_mode():
             px = self.processor(images=[frame], return_tensors="pt")
-            e = self.model.get_image_features(**px)
+            e = _features(self.model.get_image_features(**px))
             e = e / e.norm(dim=-1, keepdim=True)
             logits = 100.0 * e @ self.text.T
             return float(logits.softmax(-1)[0, 0])
