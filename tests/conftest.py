@@ -37,3 +37,18 @@ def stack(stack_services, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     assert os.environ["MOTIONCHARACTER_S3_ENDPOINT"] == stack_services.s3_endpoint
     yield stack_services
+
+
+@pytest.fixture(scope="session")
+def s3_only_stack(tmp_path_factory):
+    """A real S3 server alone (SeaweedFS, no MLflow), bucket ``models``, fresh dev credentials;
+    the environment is left alone: use ``.env()`` for the endpoint and credentials."""
+    from motioncharacter.stack import CRED_VARS, Stack
+
+    s = Stack(tmp_path_factory.mktemp("s3-only"), s3_port=0, mlflow_port=0, bucket="models")
+    with pytest.MonkeyPatch.context() as mp:
+        for var in CRED_VARS:
+            mp.delenv(var, raising=False)
+        s.up(only="s3")
+    yield s
+    s.down()

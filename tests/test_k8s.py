@@ -423,21 +423,8 @@ class TritonPythonModel:
 """
 
 
-@pytest.fixture(scope="module")
-def s3_only(tmp_path_factory):
-    from motioncharacter.stack import CRED_VARS, Stack
-
-    s = Stack(tmp_path_factory.mktemp("k8s-s3"), s3_port=0, mlflow_port=0, bucket="models")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in CRED_VARS:
-            mp.delenv(var, raising=False)
-        s.up(only="s3")
-    yield s
-    s.down()
-
-
 @pytest.mark.services
-def test_triton_loads_the_s3_repository_named_in_the_manifest(s3_only, tmp_path):
+def test_triton_loads_the_s3_repository_named_in_the_manifest(s3_only_stack, tmp_path):
     """The Triton build the project pins (2.51, the release in tritonserver:24.10) loads a model
     repository from the object store given the local overlay's MODEL_REPOSITORY with only the
     host:port swapped, credentials from AWS_* in the environment as the Secret provides them; the
@@ -452,10 +439,10 @@ def test_triton_loads_the_s3_repository_named_in_the_manifest(s3_only, tmp_path)
     from motioncharacter.serving.server import backend_dir, free_port, server_env, tritonserver_binary
 
     repo = find(rendered("overlays/local"), "ConfigMap", "triton-config")["data"]["MODEL_REPOSITORY"]
-    hostport = s3_only.s3_endpoint.split("://", 1)[1]
+    hostport = s3_only_stack.s3_endpoint.split("://", 1)[1]
     repo = repo.replace("minio.motioncharacter.svc.cluster.local:9000", hostport)
     bucket, prefix = repo.split("/", 3)[3].split("/", 1)
-    creds = s3_only.env()
+    creds = s3_only_stack.env()
     client = Minio(hostport, access_key=creds["AWS_ACCESS_KEY_ID"], secret_key=creds["AWS_SECRET_ACCESS_KEY"],
                    secure=False)
     for key, text in {"echo/config.pbtxt": ECHO_CONFIG, "echo/1/model.py": ECHO_MODEL}.items():

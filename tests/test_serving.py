@@ -192,27 +192,13 @@ def test_server_side_time_limit(tmp_path):
             assert c.ready()
 
 
-@pytest.fixture(scope="module")
-def s3_store(tmp_path_factory):
-    """A real S3 server (SeaweedFS) on loopback, with fresh dev credentials."""
-    from motioncharacter.stack import CRED_VARS, Stack
-
-    s = Stack(tmp_path_factory.mktemp("serving-s3"), s3_port=0, mlflow_port=0, bucket="models")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in CRED_VARS:
-            mp.delenv(var, raising=False)
-        s.up(only="s3")
-    yield s
-    s.down()
-
-
-def test_deploy_to_s3_and_triton_reads_it_directly(s3_store, tmp_path, monkeypatch, expected):
+def test_deploy_to_s3_and_triton_reads_it_directly(s3_only_stack, tmp_path, monkeypatch, expected):
     """`motioncharacter deploy` writes the repository to the object store; Triton loads it from s3://."""
     from motioncharacter import storage
     from motioncharacter.cli import main
     from motioncharacter.serving.server import TritonServer
 
-    for k, v in s3_store.env().items():
+    for k, v in s3_only_stack.env().items():
         monkeypatch.setenv(k, v)
     uri = "s3://models/triton/tiny"
     assert main(["deploy", "--preset", "tiny", "--model-repository", uri, "--max-frames", "8",
