@@ -366,6 +366,11 @@ class Trainer:
             step += 1
             dt = time.perf_counter() - t0
             t0 = time.perf_counter()
+            if dist.is_initialized() and self.world > 1:  # log the mean over ranks, not rank 0's share
+                keys = sorted(acc)
+                v = torch.tensor([acc[k] for k in keys], dtype=torch.float64, device=device)
+                dist.all_reduce(v)
+                acc = {k: float(x) / self.world for k, x in zip(keys, v.tolist())}
             metrics = dict(acc, lr=float(engine.get_lr()[0]),
                            samples_per_s=cfg.train.batch_size * accum * self.world / max(dt, 1e-9))
             acc = {}
@@ -382,10 +387,12 @@ class Trainer:
                 log.warning("stopped by signal at step %d after saving a checkpoint", step)
                 break
         bar.close()
-        if step == total and self.rank == 0:
+        if step == total:
             from motioncharacter.model.loading import save_adapter
 
-            save_adapter(self._export_adapter(engine), storage.join(self.output, "adapter"))
+            exported = self._export_adapter(engine)  # collective under ZeRO-3: every rank
+            if self.rank == 0:
+                save_adapter(exported, storage.join(self.output, "adapter"))
         return step
 
     def _agree(self, flag: bool) -> bool:
