@@ -27,6 +27,7 @@ def train(manifest_uri: str, work_uri: str, preset: str, weights: str, steps: in
           overrides: list) -> str:
     from motioncharacter.pipelines.steps import stage_uri, train_step
 
+    manifest_uri = manifest_uri or stage_uri(work_uri, "prepared", "manifest.jsonl")
     return train_step(manifest_uri, stage_uri(work_uri, "train", ablation), preset, weights, steps, ablation,
                       overrides)
 
@@ -115,10 +116,13 @@ def motioncharacter_pipeline(
         dep.set_caching_options(False)
         smoke = _cluster_settings(smoke_test(model_repository=dep.output, triton_url=triton_url, work_uri=work_uri))
         smoke.set_caching_options(False)
+    # Inside the loop the manifest is found from work_uri (ordered with .after): kfp.local replaces
+    # every task output entering a ParallelFor with the loop item (kfp 2.17), so none may enter.
     with dsl.ParallelFor(items=ablations, name="ablations") as variant:
-        t = _cluster_settings(train(manifest_uri=prep.output, work_uri=work_uri, preset=preset, weights=weights,
+        t = _cluster_settings(train(manifest_uri="", work_uri=work_uri, preset=preset, weights=weights,
                                     steps=train_steps, ablation=variant, overrides=train_overrides),
                               gpu=True, retries=3)
+        t.after(prep)
         t.set_caching_options(False)
         e = _cluster_settings(evaluate(weights_uri=t.output, eval_set=eval_set, work_uri=work_uri, ablation=variant,
                                        limit=eval_limit, overrides=eval_overrides), gpu=True)

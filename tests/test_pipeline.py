@@ -26,7 +26,11 @@ def test_ir_has_every_component(ir):
     tasks = spec["root"]["dag"]["tasks"]
     assert {"prepare", "train", "evaluate", "quality-gate", "condition-1", "for-loop-2"} <= set(tasks)
     assert "pipelinechannel--quality-gate-Output" in tasks["condition-1"]["triggerPolicy"]["condition"]
-    assert tasks["for-loop-2"]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--ablations"
+    loop = tasks["for-loop-2"]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--ablations"
+    # the ablation loop waits for the data, and no task output enters it (see pipeline.py)
+    assert loop["dependentTasks"] == ["prepare"]
+    assert all("taskOutputParameter" not in p for p in loop["inputs"]["parameters"].values())
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"ghcr.io/motioncharacter/motioncharacter:0.1.0", "ghcr.io/motioncharacter/motioncharacter:0.1.0-cuda"}
 
