@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ..cli import UserError
 from .repository import MODEL, STREAM_MODEL
 from .request_args import INPUTS
 
@@ -28,8 +29,8 @@ class RemoteError(ValueError):
     """The server rejected the request (bad input, no face, ...): fix the request, don't retry."""
 
 
-class ServerUnavailable(RuntimeError):
-    """The server could not be reached or stayed unavailable after the retries."""
+class ServerUnavailable(UserError):
+    """The server could not be reached or stayed unavailable after the retries (check the URL / server)."""
 
 
 @dataclass
@@ -162,12 +163,12 @@ class MotionCharacterClient:
 
     def _inputs(self, model: str, image, prompt: str, params: dict) -> list:
         m = self._module()
-        batched = self._is_batched(model)
         values = {"image": _image_bytes(image), "prompt": prompt,
                   **{k: v for k, v in params.items() if v is not None}}
         unknown = set(values) - set(INPUTS)
         if unknown:
             raise ValueError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
+        batched = self._is_batched(model)
         out = []
         for name, v in values.items():
             _, dtype, _, _ = INPUTS[name]

@@ -130,3 +130,29 @@ def test_export_references_weights_by_absolute_uri(tmp_path):
     assert not (tmp_path / "repo" / "motioncharacter" / "weights").exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         export_repository(str(tmp_path / "r2"), DeployOptions(weights=str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_unreachable_server_is_retried_then_reported(scheme):
+    from motioncharacter.cli import UserError
+    from motioncharacter.serving.client import MotionCharacterClient, ServerUnavailable
+    from motioncharacter.serving.server import free_port
+
+    url = f"{scheme}://127.0.0.1:{free_port()}"  # nothing listens there
+    with MotionCharacterClient(url, timeout_s=5, retries=2, backoff_s=0.01) as c:
+        assert not c.ready()
+        with pytest.raises(ServerUnavailable, match="unavailable after 3 tries") as e:
+            c.generate(IMAGE, "a man", steps=2)
+    assert isinstance(e.value, UserError)  # the CLI prints it without a traceback
+
+
+def test_client_refuses_unknown_arguments_and_bad_urls():
+    from motioncharacter.serving.client import MotionCharacterClient, parse_url
+
+    assert parse_url("grpc://h:8001") == ("grpc", "h:8001") and parse_url("h:8000/") == ("http", "h:8000")
+    with pytest.raises(ValueError, match="use http://HOST:PORT or grpc://HOST:PORT"):
+        MotionCharacterClient("ftp://h:1")
+    with pytest.raises(ValueError, match="streaming needs gRPC"):
+        next(MotionCharacterClient("http://127.0.0.1:1").stream(IMAGE, "a"))
+    with pytest.raises(ValueError, match="unknown generation argument.*: stepz"):
+        MotionCharacterClient("http://127.0.0.1:1").generate(IMAGE, "a", stepz=3)
