@@ -15,6 +15,9 @@ def add_commands(sub) -> None:
                      help="weights folder or s3:// URI in the diffusers layout (unet/, motion_adapter/, vae/, "
                           "text_encoder/, tokenizer/, image_encoder/, optional adapter/)")
     src.add_argument("--preset", choices=["tiny"], help="small random models for a CPU smoke run")
+    src.add_argument("--url", metavar="URL",
+                     help="generate on a Triton server instead (http://HOST:8000 or grpc://HOST:8001, see "
+                          "`motioncharacter serve`); ID-Animator/DreaMoving options are not sent")
     p.add_argument("--image", required=True, metavar="FACE", help="reference portrait (jpg/png) with one face")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="overall description of the video")
     p.add_argument("--action", default="", metavar="PHRASE", help="action phrase, e.g. 'talking' ('' for none)")
@@ -70,9 +73,22 @@ def run_generate(args) -> int:
         feature_cli.precheck(args, args.frames)
     except ValueError as e:
         raise UserError(str(e)) from None
-    pipe = load_pipeline(weights=args.weights, preset=args.preset, device=args.device, arcface_pack=args.arcface_pack,
-                         **feature_cli.load_kwargs(args))
-    d = pipe.defaults  # sizes that suit the loaded weights
+    if args.url:  # the server holds the weights; sizes default to generate()'s
+        from motioncharacter.serving.client import generate_remote
+
+        pipe, d = None, {"steps": 25, "frames": 16, "height": 512, "width": 512}
+        used = [k for k in ("mix_image", "cloth_image", "pose_video", "pose_keypoints", "depth_video",
+                            "sparse_image", "base_checkpoint") if getattr(args, k, None)]
+        if args.mode != "motioncharacter" or used:
+            raise UserError("--url sends the MotionCharacter inputs only; use --mode/--mix-image/controls "
+                            f"in-process (got --mode {args.mode} {' '.join('--' + u.replace('_', '-') for u in used)})")
+
+        def generate(_pipe, **kw):
+            return generate_remote(args.url, **kw)
+    else:
+        pipe = load_pipeline(weights=args.weights, preset=args.preset, device=args.device,
+                             arcface_pack=args.arcface_pack, **feature_cli.load_kwargs(args))
+        d = pipe.defaults  # sizes that suit the loaded weights
     steps = args.steps or d["steps"]
     with tqdm(total=steps, desc="denoising", unit="step") as bar:
         video = generate(
@@ -80,10 +96,10 @@ def run_generate(args) -> int:
             intensity=args.intensity, id_scale=args.id_scale, motion_scale=args.motion_scale, steps=steps,
             guidance=args.guidance, frames=args.frames or d["frames"], height=args.height or d["height"],
             width=args.width or d["width"], seed=args.seed, face_index=args.face_index,
-            progress=lambda i, n: bar.update(i - bar.n), **feature_cli.feature_kwargs(args))
+            progress=lambda i, n: bar.update(i - bar.n), **({} if args.url else feature_cli.feature_kwargs(args)))
     from motioncharacter.video import write_video
 
     write_video(video, out, fps=args.fps)
     print(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, "
-          f"face embedder: {pipe.face_embedder.name})")
+          f"face embedder: {pipe.face_embedder.name if pipe else 'on the server'})")
     return 0
