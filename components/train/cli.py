@@ -20,7 +20,8 @@ def add_commands(sub) -> None:
     p.add_argument("--preset", choices=["tiny"], help="train a preset model instead of --weights (tests, demos)")
     p.add_argument("--steps", type=int, metavar="N", help="optimizer steps in total (train.steps)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in --output (starts fresh when there is none)")
+                   help="continue from the latest checkpoint in --output, starting fresh when there is none "
+                   "(train.resume; set it in the config for Kubernetes restarts)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set train.zero_stage=3 (repeatable)")
     p.set_defaults(func=run)
@@ -36,6 +37,8 @@ def resolve(args):
         overrides += [f"model.weights={args.weights}", "model.preset="]
     if args.preset:
         overrides += [f"model.preset={args.preset}", "model.weights="]
+    if args.resume:
+        overrides.append("train.resume=true")
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     return load(TrainConfig, "train.yaml", args.config, overrides)
@@ -45,4 +48,4 @@ def run(args) -> int:
     cfg = resolve(args)
     from .trainer import Trainer
 
-    return Trainer(cfg, args.data, args.output, resume=args.resume).run()
+    return Trainer(cfg, args.data, args.output, resume=cfg.train.resume).run()

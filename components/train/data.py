@@ -47,7 +47,7 @@ class Manifest:
 def read_manifest(uri: str) -> Manifest:
     """Kept records of a manifest.jsonl (local or s3://), or a ValueError saying why none."""
     raw = storage.read_bytes(uri)
-    records, dropped = [], {}
+    records, dropped, n_dropped = [], {}, 0
     for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -61,9 +61,10 @@ def read_manifest(uri: str) -> Manifest:
                     raise ValueError(f"{uri} line {n} ({rec.get('clip')}): kept clip without '{key}'")
             records.append(rec)
         else:
+            n_dropped += 1
             for r in rec.get("reasons") or ["unknown"]:
                 dropped[r] = dropped.get(r, 0) + 1
-    total = len(records) + sum(dropped.values())
+    total = len(records) + n_dropped
     if not records:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items())) or "the file is empty"
         raise ValueError(f"manifest {uri} has no kept clips to train on ({why}); "

@@ -54,6 +54,7 @@ class RunSettings:
     precision: str = "auto"            # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     deepspeed_config: str = ""         # JSON file merged over the packaged deepspeed_zero2.json
     checkpoint_every: int = 500
+    resume: bool = False               # continue from OUT/checkpoints/latest when there is one (--resume)
     log_every: int = 1
     sample_every: int = 1000           # sample video artifact every N steps and at the end (0 = none)
     sample_steps: int = 0              # denoising steps of sample videos; 0 = the pipeline's default
