@@ -59,11 +59,11 @@ def deploy(weights_uri: str, model_repository: str) -> str:
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def smoke_test(model_repository: str, triton_url: str, work_uri: str) -> str:
+def smoke_test(model_repository: str, triton_url: str, work_uri: str, options: dict) -> str:
     from motioncharacter.pipelines.steps import smoke_step, stage_uri
 
     return smoke_step(model_repository, triton_url, stage_uri(work_uri, "smoke"), "a person talking to the camera",
-                      "talking", 8.0)
+                      "talking", 8.0, options)
 
 
 def _cluster_settings(task, gpu: bool = False, retries: int = 1):
@@ -99,6 +99,8 @@ def motioncharacter_pipeline(
     eval_overrides: list = [],
     model_repository: str = "s3://models/motioncharacter",
     triton_url: str = "",
+    # extra Triton inputs for the smoke video: ID-Animator / DreaMoving modes and weights
+    generation_options: dict = {},
 ):
     prep = _cluster_settings(prepare(data_uri=data_uri, work_uri=work_uri, overrides=prepare_overrides))
     prep.set_caching_options(True)  # same inputs, same dataset: reuse it
@@ -114,7 +116,8 @@ def motioncharacter_pipeline(
     with dsl.If(ok.output == True, name="evaluation-gate"):  # noqa: E712 (a kfp condition)
         dep = _cluster_settings(deploy(weights_uri=main.output, model_repository=model_repository))
         dep.set_caching_options(False)
-        smoke = _cluster_settings(smoke_test(model_repository=dep.output, triton_url=triton_url, work_uri=work_uri))
+        smoke = _cluster_settings(smoke_test(model_repository=dep.output, triton_url=triton_url, work_uri=work_uri,
+                                             options=generation_options))
         smoke.set_caching_options(False)
     # Inside the loop the manifest is found from work_uri (ordered with .after): kfp.local replaces
     # every task output entering a ParallelFor with the loop item (kfp 2.17), so none may enter.

@@ -140,21 +140,29 @@ def deploy_step(weights_uri: str, model_repository: str) -> str:
 
 
 def smoke_step(model_repository: str, triton_url: str, output_uri: str, prompt: str, action: str,
-               intensity: float) -> str:
-    """Generate one video through Triton: the given endpoint, or a local server on the repository."""
+               intensity: float, options: dict | None = None) -> str:
+    """Generate one video through Triton: the given endpoint, or a local server on the repository.
+
+    ``options`` are further Triton inputs (see serving/request_args.py), e.g. ID-Animator's
+    ``{"mode": "id-animator"}`` or DreaMoving's ``{"mode": "dreamoving", "face_weight": 0.5}``;
+    the defaults suit the tiny preset (8 frames of 64x64, 4 steps)."""
     import contextlib
 
     from motioncharacter.fixtures import package_face
-    from motioncharacter.serving.client import generate_remote
+    from motioncharacter.serving.client import MotionCharacterClient
     from motioncharacter.serving.server import TritonServer
     from motioncharacter.video import encode_video
 
+    params = {"frames": 8, "steps": 4, "height": 64, "width": 64, "seed": 0, "action": action,
+              "intensity": intensity, **(options or {})}
+    if params.get("mode", "motioncharacter") != "motioncharacter":
+        params.pop("action")  # ID-Animator and DreaMoving have no motion control: the action is in the prompt
     ctx = contextlib.nullcontext(None) if triton_url else TritonServer(
         model_repository, http_port=None, grpc_port=None, metrics_port=None)
     with ctx as server:
         url = triton_url or server.http_url
-        frames = generate_remote(url, image=package_face("grace_hopper"), prompt=prompt, action=action,
-                                 intensity=intensity, frames=8, steps=4, height=64, width=64, seed=0)
+        with MotionCharacterClient(url, timeout_s=600) as client:
+            frames = client.generate(package_face("grace_hopper"), prompt, **params).frames
     target = storage.join(output_uri, "smoke.mp4")
     storage.write_bytes(target, encode_video(frames, "mp4", 8.0))
     log.info("video generated through Triton at %s: %s", url, target)

@@ -233,3 +233,14 @@ def test_generate_cli_url_goes_through_triton(triton, tmp_path, expected):
     idx = list(range(len(a)))
     assert abs(read_frames(a, idx).astype(int) - read_frames(b, idx).astype(int)).mean() < 1.0
     assert main(args[:-2] + ["--mode", "id-animator"]) == 1  # feature options are in-process only
+
+
+def test_pipeline_smoke_step_with_feature_modes(triton, tmp_path):
+    """The pipeline's last step calls the endpoint, with ID-Animator / DreaMoving options too."""
+    from motioncharacter.pipelines.steps import smoke_step
+    from motioncharacter.video import open_video
+
+    for name, options in (("plain", {}), ("id-animator", {"mode": "id-animator"}),
+                          ("dreamoving", {"mode": "dreamoving", "face_weight": 0.5})):
+        out = smoke_step("", triton.http_url, str(tmp_path / name), PROMPT, "smiles", 8.0, options)
+        assert len(open_video(out)) == 8
