@@ -254,10 +254,17 @@ def test_pytorchjob(overlay):
             assert e["DS_ACCELERATOR"]["value"] == "cpu"
     train_yaml = yaml.safe_load(config_maps["motioncharacter-train-config"]["data"]["train.yaml"])
     assert isinstance(train_yaml, dict)
-    # overrides only sections the packaged training defaults know (once training ships them)
-    packaged = ROOT / "motioncharacter" / "configs" / "train.yaml"
-    if packaged.is_file():
-        assert set(train_yaml) <= set(yaml.safe_load(packaged.read_text()) or {})
+    # a valid training config: resumes after preemption and names base weights
+    from motioncharacter.components.train.settings import TrainConfig
+    from motioncharacter.config import load
+
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(train_yaml, f)
+        f.flush()
+        cfg = load(TrainConfig, "train.yaml", f.name)
+    assert cfg.train.resume and cfg.model.weights.startswith("s3://")
 
 
 # --- security properties across every workload ------------------------------------------
