@@ -277,28 +277,11 @@ def _generate(pipe, opts: FeatureOptions, *, image, prompt, negative_prompt, act
     layers.attach(pipe.unet)
     try:
         with sliding_windows(pipe, context, opts.context_stride):
-            pipe.scheduler.set_timesteps(steps, device=device)
-            generator = torch.Generator("cpu").manual_seed(int(seed))
-            latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, frames, height, width, text.dtype,
-                                           device, generator)
-            timesteps = pipe.scheduler.timesteps
-            for i, t in enumerate(timesteps):
-                inp = torch.cat([latents] * 2) if cfg else latents
-                inp = pipe.scheduler.scale_model_input(inp, t)
-                down, mid = ctl.residuals(prepared, inp, t, text)
-                eps = pipe.unet(inp, t, encoder_hidden_states=text, cross_attention_kwargs=cond.kwargs(),
-                                down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-                if cfg:
-                    eps_u, eps_c = eps.chunk(2)
-                    eps = eps_u + guidance * (eps_c - eps_u)
-                latents = pipe.scheduler.step(eps, t, latents).prev_sample
-                if progress is not None:
-                    progress(i + 1, len(timesteps))
+            return pipe.denoise(text, cond, num_frames=frames, height=height, width=width, steps=steps,
+                                guidance=guidance, seed=seed, progress=progress,
+                                residuals=lambda inp, t: ctl.residuals(prepared, inp, t, text))
     finally:
         pipe.adapter.attach(pipe.unet)
-    video = pipe.decode_latents(latents, decode_chunk_size=16)
-    out = ((video[0].permute(1, 2, 3, 0) / 2 + 0.5).clamp(0, 1) * 255).round()
-    return out.to(torch.uint8).cpu().numpy()
 
 
 def _conditioning(pipe, opts, refs, cloth_rgb, ratio, action, intensity, id_scale, motion_scale):

@@ -154,7 +154,17 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
                 id_scale=id_scale, motion_scale=motion_scale)
         text = text.repeat_interleave(num_frames, dim=0)  # the UNet wants per-frame text, (B*F, 77, D)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return self.denoise(text, cond, num_frames=num_frames, height=height, width=width,
+                            steps=num_inference_steps, guidance=guidance_scale, seed=seed, progress=progress)
+
+    def denoise(self, text: torch.Tensor, cond, *, num_frames: int, height: int, width: int, steps: int,
+                guidance: float, seed: int, progress=None, residuals=None) -> np.ndarray:
+        """The sampling loop shared by every mode: seeded latents, classifier-free guidance (the
+        batch holds [uncond, cond] when guidance > 1), VAE decode to uint8 frames (F, H, W, 3).
+
+        ``residuals(latent_input, t) -> (down, mid)`` adds ControlNet residuals (or None)."""
+        device, cfg = self.device, guidance > 1.0
+        self.scheduler.set_timesteps(steps, device=device)
         generator = torch.Generator("cpu").manual_seed(int(seed))
         latents = self.prepare_latents(1, self.unet.config.in_channels, num_frames, height, width, text.dtype,
                                        device, generator)
@@ -162,10 +172,12 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
         for i, t in enumerate(timesteps):
             inp = torch.cat([latents] * 2) if cfg else latents
             inp = self.scheduler.scale_model_input(inp, t)
-            eps = self.unet(inp, t, encoder_hidden_states=text, cross_attention_kwargs=cond.kwargs()).sample
+            down, mid = residuals(inp, t) if residuals is not None else (None, None)
+            eps = self.unet(inp, t, encoder_hidden_states=text, cross_attention_kwargs=cond.kwargs(),
+                            down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
             if cfg:
                 eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + guidance_scale * (eps_c - eps_u)
+                eps = eps_u + guidance * (eps_c - eps_u)
             latents = self.scheduler.step(eps, t, latents).prev_sample
             if progress is not None:
                 progress(i + 1, len(timesteps))
