@@ -133,15 +133,3 @@ def load(cls: type[T], default_name: str | None = None, path: str | Path | None 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> ``{"a.b": v}``, the form MLflow params take."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out

@@ -87,6 +87,7 @@ def test_prepare_fixtures_end_to_end(fixtures, tmp_path, monkeypatch):
     run = mlflow.MlflowClient().get_run(summary["mlflow_run_id"])
     assert run.data.params["sampling.fps"] == "4.0" and run.data.params["flow.estimator"] == "dis"
     assert run.data.metrics["kept"] == 6 and run.data.metrics["dropped.faces"] == 1
+    assert run.data.metrics["dropped.total"] == 6
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"manifest.jsonl", "summary.json", "intensity_histogram.png", "contact_sheet.png"} <= arts
 
@@ -125,6 +126,15 @@ def test_changed_settings_reprocess(fixtures, tmp_path):
     cfg2 = load(PrepareConfig, "prepare.yaml", overrides=["filters.ocr=false", "filters.min_short_side=1024"])
     b = prepare(str(one), str(tmp_path / "o"), cfg2, progress=False, track=False)
     assert a["kept"] == 1 and b["resumed"] == 0 and b["kept"] == 0
+
+
+def test_unreachable_tracking_fails_before_the_work(fixtures, tmp_path, monkeypatch):
+    from motioncharacter.tracking import TrackingError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with pytest.raises(TrackingError, match="127.0.0.1:9 is unreachable"):
+        prepare(str(fixtures), str(tmp_path / "o"), load(PrepareConfig, "prepare.yaml"), progress=False)
+    assert not (tmp_path / "o" / "records").exists() or not any((tmp_path / "o" / "records").iterdir())
 
 
 def test_bad_config_is_refused():

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from motioncharacter import storage
-from motioncharacter.config import flatten, to_dict
+from motioncharacter.config import to_dict
 from motioncharacter.faces import crop
 from motioncharacter.video import (IMAGE_SUFFIXES, VIDEO_SUFFIXES, VideoError, load_image, open_video, probe,
                                    read_frames, sample_indices)
@@ -229,6 +229,10 @@ def prepare(input_uri: str, output_uri: str, cfg: PrepareConfig, *, track: bool 
     from tqdm import tqdm
 
     t_start = time.perf_counter()
+    if track:  # fail before the work, not after it, when the tracking server is down
+        from motioncharacter.tracking import check_server
+
+        check_server()
     inputs = [u for u in storage.list_files(input_uri) if not Path(u).name.startswith(".")]
     if not inputs:
         raise ValueError(f"input {input_uri} holds no files")
@@ -298,23 +302,18 @@ def prepare(input_uri: str, output_uri: str, cfg: PrepareConfig, *, track: bool 
 
 
 def _log_run(cfg: PrepareConfig, summary: dict, stage_dir: Path, images: list) -> None:
-    import mlflow
-
     from motioncharacter import tracking
 
     with tracking.run(cfg.experiment, run_name="prepare", tags={"stage": "prepare"}) as run:
-        params = flatten(to_dict(cfg))
-        params.update({"input": summary["input"], "output": summary["output"]})
-        mlflow.log_params(params)
-        mlflow.log_metrics({"inputs": summary["inputs"], "kept": summary["kept"], "dropped": summary["dropped"],
-                            **{f"dropped.{k}": v for k, v in summary["dropped_by_reason"].items()},
-                            **({"motion_intensity.mean": summary["motion_intensity"]["mean"]}
-                               if summary["kept"] else {})})
+        tracking.log_params({**to_dict(cfg), "input": summary["input"], "output": summary["output"]})
+        tracking.log_metrics({"inputs": summary["inputs"], "kept": summary["kept"],
+                              "dropped": {**summary["dropped_by_reason"], "total": summary["dropped"]},
+                              "motion_intensity": {"mean": summary["motion_intensity"]["mean"]}})
         for f in ("manifest.jsonl", "summary.json"):
-            mlflow.log_artifact(str(stage_dir / f))
+            tracking.log_artifact(stage_dir / f)
         for img in images:
             if img:
-                mlflow.log_artifact(str(img))
+                tracking.log_artifact(img)
         summary["mlflow_run_id"] = run.info.run_id
 
 
