@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,3 +92,21 @@ def test_evaluate_logs_to_mlflow_and_compare(stack, portraits, tmp_path, capsys)
 
     assert cli(["compare", "0" * 32]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_rerun_resumes_finished_items(portraits, tmp_path):
+    """A re-run into the same output reuses every finished item; other settings start afresh."""
+    from motioncharacter.components.evaluate.settings import EvalConfig
+    from motioncharacter.components.evaluate.stage import evaluate
+    from motioncharacter.config import load
+
+    cfg = load(EvalConfig, "evaluate.yaml", overrides=SETTINGS)
+    out = str(tmp_path / "out")
+    first = evaluate(str(portraits), out, cfg, preset="tiny", limit=2, track=False, progress=False)
+    (Path(out) / "records").joinpath("stray.txt").write_text("ignored")
+    again = evaluate(str(portraits), out, cfg, preset="tiny", limit=2, track=False, progress=False)
+    assert first["resumed"] == 0 and again["resumed"] == 2
+    assert again["metrics"] == first["metrics"]
+    assert (Path(out) / "contact_sheet.png").is_file()  # pictures come back from the stored videos
+    other = load(EvalConfig, "evaluate.yaml", overrides=SETTINGS + ["generation.motion_scale=0.0"])
+    assert evaluate(str(portraits), out, other, preset="tiny", limit=1, track=False, progress=False)["resumed"] == 0

@@ -8,6 +8,7 @@ go to an MLflow run (metrics, a per-video table, GIFs).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import tempfile
@@ -91,6 +92,47 @@ def _write_tables(rows: list[dict], stage: Path) -> list[dict]:
     return flat
 
 
+def _model_fingerprint(weights: str | None, preset: str | None) -> str:
+    """Names the model, and for a local folder also its files' sizes and times, so retrained
+    weights written to the same folder are not mistaken for the evaluated ones."""
+    if preset:
+        return f"preset:{preset}"
+    parts = [str(weights)]
+    if weights and not storage.is_s3(weights) and Path(weights).is_dir():
+        for f in sorted(Path(weights).rglob("*")):
+            if f.is_file():
+                st = f.stat()
+                parts.append(f"{f.relative_to(weights)}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(parts)
+
+
+def _item_key(item, gen: dict, cfg: EvalConfig, model: str) -> str:
+    from dataclasses import asdict
+
+    blob = json.dumps([item.to_dict(), gen, asdict(cfg.metrics), model], sort_keys=True, default=str)
+    return f"{item.id}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def _finished(output: str) -> dict[str, dict]:
+    """Per-item records an earlier (possibly killed) run left in ``output``, by key."""
+    rec_uri = storage.join(output, "records")
+    if not storage.is_s3(output) and not Path(rec_uri).is_dir():
+        return {}
+    try:
+        uris = [u for u in storage.list_files(rec_uri) if u.endswith(".json")]
+    except storage.StorageError:
+        return {}
+    return {Path(u).stem: json.loads(storage.read_bytes(u)) for u in uris}
+
+
+def _frames_of(output: str, rel: str) -> np.ndarray:
+    from motioncharacter.video import open_video, read_frames
+
+    with storage.local_file(storage.join(output, rel)) as p:
+        vr = open_video(p)
+        return read_frames(vr, list(range(len(vr))))
+
+
 def evaluate(eval_set: str, output: str, cfg: EvalConfig, *, weights: str | None = None, preset: str | None = None,
              device: str = "cpu", limit: int | None = None, track: bool = True, progress: bool = True,
              run_name: str | None = None) -> dict:
@@ -119,15 +161,26 @@ def evaluate(eval_set: str, output: str, cfg: EvalConfig, *, weights: str | None
     local_out = not storage.is_s3(output)
     stage = Path(output) if local_out else Path(tempfile.mkdtemp(prefix="mc-eval-", dir=storage.cache_dir()))
     (stage / "videos").mkdir(parents=True, exist_ok=True)
+    (stage / "records").mkdir(parents=True, exist_ok=True)
+    done, model_id = _finished(output), _model_fingerprint(weights, preset)
     refs: dict[str, np.ndarray] = {}
     rows, sheet_rows, sheet_labels, gifs = [], [], [], []
+    resumed = 0
     for item in tqdm(items, desc="evaluate", unit="video", disable=not progress):
-        row = item.to_dict()
-        rows.append(row)
+        key = _item_key(item, gen, cfg, model_id)
         if item.portrait not in refs:
             with storage.local_file(item.portrait) as p:
                 refs[item.portrait] = load_image(p)
         ref = refs[item.portrait]
+        if key in done:  # finished by an earlier run with the same model and settings
+            row, resumed = done[key], resumed + 1
+            rows.append(row)
+            if "video" in row and (len(gifs) < cfg.output.gifs or len(sheet_rows) < cfg.output.contact_rows):
+                frames = _frames_of(output, row["video"])
+                _pictures(item, row, ref, frames, stage, cfg, g.fps, gifs, sheet_rows, sheet_labels, write_video)
+            continue
+        row = item.to_dict()
+        rows.append(row)
         t = time.perf_counter()
         try:
             frames = generate(pipe, image=ref, prompt=item.prompt, action=item.action, intensity=item.intensity,
@@ -135,6 +188,7 @@ def evaluate(eval_set: str, output: str, cfg: EvalConfig, *, weights: str | None
         except FaceError as e:  # e.g. Unsplash-50 entry 39, a group photo
             row["skipped"] = str(e)
             log.warning("skipping %s: %s", item.id, e)
+            _save_record(stage, output, key, row, local_out)
             continue
         row["generation_s"] = time.perf_counter() - t
         video = write_video(frames, stage / "videos" / f"{item.id}.mp4", fps=g.fps)
@@ -143,17 +197,11 @@ def evaluate(eval_set: str, output: str, cfg: EvalConfig, *, weights: str | None
         row["metrics"] = scorer.score(frames, reference=ref, prompt=item.prompt, action=item.action,
                                       action_bank=cfg.evalset.actions, face_index=face_index)
         row["metrics_s"] = time.perf_counter() - t
-        if len(gifs) < cfg.output.gifs:
-            gifs.append(write_video(frames, stage / "gifs" / f"{item.id}.gif", fps=g.fps))
-        if len(sheet_rows) < cfg.output.contact_rows:
-            step = max(1, len(frames) // 8)
-            sheet_rows.append([ref, *frames[::step][:8]])
-            mi = M.value(row["metrics"].get("intensity"))
-            sheet_labels.append(f"{item.id}  requested {item.intensity:g}, measured "
-                                f"{'n/a' if mi is None else f'{mi:.1f}'}")
+        _save_record(stage, output, key, row, local_out)
+        _pictures(item, row, ref, frames, stage, cfg, g.fps, gifs, sheet_rows, sheet_labels, write_video)
 
     summary = summarize(rows)
-    summary.update(eval_set=eval_set, prompt_bank_version=bank_version, items=len(items),
+    summary.update(resumed=resumed, eval_set=eval_set, prompt_bank_version=bank_version, items=len(items),
                    face_metric=scorer.face_key, generation=gen,
                    model=weights or f"preset:{preset}")
     flat = _write_tables(rows, stage)
@@ -167,6 +215,29 @@ def evaluate(eval_set: str, output: str, cfg: EvalConfig, *, weights: str | None
         storage.upload_dir(stage, output)
     summary["output"] = output
     return summary
+
+
+def _save_record(stage: Path, output: str, key: str, row: dict, local_out: bool) -> None:
+    """The item's video first, its record last (to ``output`` at once when remote): a killed run
+    keeps every finished item."""
+    rec = stage / "records" / f"{key}.json"
+    rec.write_text(json.dumps(row, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    if not local_out:
+        if "video" in row:
+            storage.upload_file(stage / row["video"], storage.join(output, row["video"]))
+        storage.upload_file(rec, storage.join(output, "records", rec.name))
+
+
+def _pictures(item, row, ref, frames, stage, cfg, fps, gifs, sheet_rows, sheet_labels, write_video) -> None:
+    """GIFs and contact-sheet rows for the first items."""
+    if len(gifs) < cfg.output.gifs:
+        gifs.append(write_video(frames, stage / "gifs" / f"{item.id}.gif", fps=fps))
+    if len(sheet_rows) < cfg.output.contact_rows:
+        step = max(1, len(frames) // 8)
+        sheet_rows.append([ref, *frames[::step][:8]])
+        mi = M.value(row["metrics"].get("intensity"))
+        sheet_labels.append(f"{item.id}  requested {item.intensity:g}, measured "
+                            f"{'n/a' if mi is None else f'{mi:.1f}'}")
 
 
 def _log_run(cfg, summary, flat, stage: Path, gifs, run_name, weights, preset, limit) -> str:
