@@ -53,8 +53,13 @@ class TritonPythonModel:
         gpu = args.get("model_instance_kind") == "GPU"
         device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
         self.api = inference_api()
+        base = params.get("base_checkpoint") or None
+        if base and base.startswith("s3://"):
+            from motioncharacter.storage import local_copy
+
+            base = str(local_copy(base))
         self.pipe = self.api.load_pipeline(weights=weights, preset=params.get("preset") or None, device=device,
-                                           arcface_pack=params.get("arcface_pack") or None)
+                                           arcface_pack=params.get("arcface_pack") or None, base_checkpoint=base)
         pb_utils.Logger.log_info(f"{self.name}: pipeline loaded on {device} "
                                  f"(weights={weights or '-'}, preset={params.get('preset') or '-'})")
 

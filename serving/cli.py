@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_commands(sub) -> None:
@@ -20,6 +21,9 @@ def add_commands(sub) -> None:
     p.add_argument("--copy-weights", action="store_true",
                    help="copy the weights into the repository (default: the models reference --weights by URI)")
     p.add_argument("--arcface-pack", metavar="URI", help="insightface ArcFace model pack (default: bundled SFace)")
+    p.add_argument("--base-checkpoint", metavar="URI",
+                   help="community SD1.5 checkpoint as the base (diffusers folder or single-file .safetensors; "
+                        "local paths are resolved to absolute, s3:// is read by the server)")
     p.add_argument("--kind", choices=["cpu", "gpu"], default="cpu",
                    help="instance group kind: gpu on clusters, cpu locally (default: cpu)")
     p.add_argument("--instances", type=int, default=1, help="model instances per device, each loads the pipeline")
@@ -62,6 +66,8 @@ def _deploy(args: argparse.Namespace) -> int:
 
     opts = DeployOptions(
         weights=args.weights, preset=args.preset, copy_weights=args.copy_weights, arcface_pack=args.arcface_pack,
+        base_checkpoint=(args.base_checkpoint if not args.base_checkpoint or "://" in args.base_checkpoint
+                         else str(Path(args.base_checkpoint).resolve())),
         kind=args.kind, instances=args.instances, max_batch_size=args.max_batch_size,
         max_queue_size=args.max_queue_size, queue_timeout_s=args.queue_timeout,
         request_timeout_s=args.request_timeout, version=args.version, version_policy=args.version_policy,

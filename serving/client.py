@@ -22,7 +22,7 @@ import numpy as np
 
 from ..cli import UserError
 from .repository import MODEL, STREAM_MODEL
-from .request_args import INPUTS
+from .request_args import INPUTS, LIST_INPUTS
 
 
 class RemoteError(ValueError):
@@ -164,7 +164,7 @@ class MotionCharacterClient:
     def _inputs(self, model: str, image, prompt: str, params: dict) -> list:
         m = self._module()
         values = {"image": _image_bytes(image), "prompt": prompt,
-                  **{k: v for k, v in params.items() if v is not None}}
+                  **{k: v for k, v in params.items() if v is not None and not (k in LIST_INPUTS and not len(v))}}
         unknown = set(values) - set(INPUTS)
         if unknown:
             raise ValueError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
@@ -174,7 +174,12 @@ class MotionCharacterClient:
             _, dtype, _, _ = INPUTS[name]
             if name in ("mix_image", "cloth_image", "pose_video", "depth_video") and not isinstance(v, bytes):
                 v = _image_bytes(v) if not isinstance(v, str) or v else b""  # arrays, paths, s3:// URIs
-            arr = np.array([v.encode() if isinstance(v, str) else v], dtype=dtype)
+            if name == "sparse_images":
+                arr = np.array([x if isinstance(x, bytes) else _image_bytes(x) for x in v], dtype=dtype)
+            elif name == "sparse_frames":
+                arr = np.array([int(x) for x in v], dtype=dtype)
+            else:
+                arr = np.array([v.encode() if isinstance(v, str) else v], dtype=dtype)
             if batched:
                 arr = arr[None]
             t = m.InferInput(name, list(arr.shape), "BYTES" if dtype is np.object_ else

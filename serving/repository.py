@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import storage
-from .request_args import INPUTS, Limits
+from .request_args import INPUTS, LIST_INPUTS, Limits
 
 MODEL = "motioncharacter"
 STREAM_MODEL = "motioncharacter_stream"
@@ -38,6 +38,7 @@ class DeployOptions:
     preset: str | None = None         # e.g. "tiny" instead of weights
     copy_weights: bool = False        # copy weights into the repository instead of referencing them
     arcface_pack: str | None = None
+    base_checkpoint: str | None = None  # community SD1.5 base: diffusers folder or single-file .safetensors
     kind: str = "cpu"                 # instance group: "cpu" locally, "gpu" on clusters
     instances: int = 1                # model instances per device (each loads the pipeline once)
     max_batch_size: int = 1           # requests Triton may hand one execute() call (run one by one)
@@ -83,7 +84,8 @@ def config_pbtxt(name: str, opts: DeployOptions, parameters: dict[str, str], dec
     lines = [f"name: {_q(name)}", 'backend: "python"', f"max_batch_size: {opts.max_batch_size}", "input ["]
     ins = []
     for inp, (ttype, _, optional, _) in INPUTS.items():
-        ins.append(f"  {{ name: {_q(inp)} data_type: {ttype} dims: [ 1 ]{' optional: true' if optional else ''} }}")
+        dims = "-1" if inp in LIST_INPUTS else "1"
+        ins.append(f"  {{ name: {_q(inp)} data_type: {ttype} dims: [ {dims} ]{' optional: true' if optional else ''} }}")
     lines += [",\n".join(ins), "]", "output ["]
     outs = ['  { name: "frames" data_type: TYPE_UINT8 dims: [ -1, -1, -1, 3 ] }',  # (F, H, W, 3) RGB
             '  { name: "video" data_type: TYPE_STRING dims: [ 1 ] }']             # mp4 bytes
@@ -116,6 +118,7 @@ def export_repository(dest: str, opts: DeployOptions) -> str:
     """Write the model repository to ``dest`` (local folder or s3:// prefix); returns ``dest``."""
     opts.check()
     params = {"preset": opts.preset or "", "arcface_pack": opts.arcface_pack or "",
+              "base_checkpoint": opts.base_checkpoint or "",
               "fps": str(opts.fps), "request_timeout_s": str(opts.request_timeout_s), **opts.limits.as_parameters()}
     if opts.weights and not storage.is_s3(opts.weights) and not Path(opts.weights).exists():
         raise FileNotFoundError(f"--weights {opts.weights} does not exist")

@@ -42,7 +42,12 @@ INPUTS: dict[str, tuple[str, type, bool, object]] = {
     "depth_scale": ("TYPE_FP32", np.float32, True, 1.0),
     "context_length": ("TYPE_INT32", np.int32, True, 0),   # FreeNoise window; 0 = automatic
     "context_stride": ("TYPE_INT32", np.int32, True, 4),
+    # SparseCtrl keyframes: one encoded image per keyframe, and the frame index of each
+    "sparse_images": ("TYPE_STRING", np.object_, True, ()),
+    "sparse_frames": ("TYPE_INT32", np.int32, True, ()),
+    "sparse_scale": ("TYPE_FP32", np.float32, True, 1.0),
 }
+LIST_INPUTS = ("sparse_images", "sparse_frames")  # dims [ -1 ]: any number of values
 BYTES_INPUTS = ("image", "mix_image", "cloth_image", "pose_video", "depth_video")
 MAX_INTENSITY = 20.0  # motion intensity M is capped at 20 in the data (paper, eq. 7)
 
@@ -111,7 +116,9 @@ def parse(get: Callable[[str], np.ndarray | None], limits: Limits) -> dict:
             raw[name] = default
             continue
         value = np.asarray(value)
-        if dtype is np.object_:
+        if name in LIST_INPUTS:
+            raw[name] = list(value.reshape(-1))
+        elif dtype is np.object_:
             if value.size != 1:
                 raise ValueError(f"input '{name}' must hold exactly one value, got shape {list(value.shape)}")
             raw[name] = value.reshape(-1)[0] if name in BYTES_INPUTS else _text(value, name)
@@ -200,6 +207,21 @@ def parse_features(raw: dict, limits: Limits) -> dict:
             raise ValueError(f"input '{name}' must be a finite number >= 0, got {v}")
         if v != 1.0:
             kw[name] = v
+    images, frames = raw["sparse_images"], [int(f) for f in raw["sparse_frames"]]
+    if images or frames:
+        if len(images) != len(frames):
+            raise ValueError(f"inputs 'sparse_images' ({len(images)}) and 'sparse_frames' ({len(frames)}) "
+                             "must have one frame index per keyframe image")
+        if len(images) > limits.max_frames:
+            raise ValueError(f"{len(images)} SparseCtrl keyframes, over this server's limit of {limits.max_frames}")
+        kw["sparse_images"] = [decode_image(d.encode() if isinstance(d, str) else bytes(d), limits.max_image_bytes,
+                                            limits.max_image_pixels) for d in images]
+        kw["sparse_frames"] = frames
+    v = float(raw["sparse_scale"])
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"input 'sparse_scale' must be a finite number >= 0, got {v}")
+    if v != 1.0:
+        kw["sparse_scale"] = v
     if int(raw["context_length"]) < 0:
         raise ValueError(f"input 'context_length' must be >= 0 (0 = automatic), got {int(raw['context_length'])}")
     if int(raw["context_length"]):

@@ -244,3 +244,41 @@ def test_pipeline_smoke_step_with_feature_modes(triton, tmp_path):
                           ("dreamoving", {"mode": "dreamoving", "face_weight": 0.5})):
         out = smoke_step("", triton.http_url, str(tmp_path / name), PROMPT, "smiles", 8.0, options)
         assert len(open_video(out)) == 8
+
+
+def test_sparsectrl_keyframes_on_a_community_base_through_triton(tmp_path):
+    """Deploy-time community base (single-file .safetensors) and request-time SparseCtrl keyframes:
+    Triton returns what the in-process feature pipeline makes from the same inputs."""
+    import os
+    import sys
+
+    from safetensors.torch import save_file
+
+    from motioncharacter.model import features
+    from motioncharacter.model.presets import build_tiny
+    from motioncharacter.serving.server import TritonServer
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from features_ldm import text_to_ldm, unet_to_ldm
+
+    other = build_tiny(seed=5)
+    ckpt = tmp_path / "community.safetensors"
+    save_file({k: v.contiguous() for k, v in (unet_to_ldm(other["unet"].state_dict(), layers_per_block=1)
+                                              | text_to_ldm(other["text_encoder"].state_dict())).items()}, str(ckpt))
+    repo = export_tiny(tmp_path / "repo", base_checkpoint=str(ckpt))
+    assert f'string_value: "{ckpt}"' in (repo / "motioncharacter" / "config.pbtxt").read_text()
+    assert 'name: "sparse_images" data_type: TYPE_STRING dims: [ -1 ]' in (
+        repo / "motioncharacter" / "config.pbtxt").read_text()
+    key = face_image()
+    req = dict(TINY, sparse_images=[key, key[:, ::-1]], sparse_frames=[0, 7], sparse_scale=0.8)
+    pipe = features.load_pipeline(preset="tiny", base_checkpoint=str(ckpt))
+    expected = features.generate(pipe, image=face_image(), prompt=PROMPT, **req)
+    with TritonServer(str(repo), http_port=None, grpc_port=None, metrics_port=None,
+                      log_file=tmp_path / "triton.log") as server:
+        with MotionCharacterClient(server.http_url, timeout_s=300) as c:
+            got = c.generate(face_image(), PROMPT, **req).frames
+            with pytest.raises(RemoteError, match="one frame index per keyframe"):
+                c.generate(face_image(), PROMPT, **dict(req, sparse_frames=[0]))
+            assert c.ready()
+    assert got.shape == expected.shape
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
