@@ -17,7 +17,8 @@ def add_commands(sub) -> None:
     src.add_argument("--preset", choices=["tiny"], help="small random models for a CPU smoke run")
     src.add_argument("--url", metavar="URL",
                      help="generate on a Triton server instead (http://HOST:8000 or grpc://HOST:8001, see "
-                          "`motioncharacter serve`); ID-Animator/DreaMoving options are not sent")
+                          "`motioncharacter serve`); ID-Animator/DreaMoving options are sent along, "
+                          "--base-checkpoint and ControlNet folders are chosen at deploy time")
     p.add_argument("--image", required=True, metavar="FACE", help="reference portrait (jpg/png) with one face")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="overall description of the video")
     p.add_argument("--action", default="", metavar="PHRASE", help="action phrase, e.g. 'talking' ('' for none)")
@@ -74,17 +75,12 @@ def run_generate(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.url:  # the server holds the weights; sizes default to generate()'s
-        from motioncharacter.serving.client import generate_remote
-
         pipe, d = None, {"steps": 25, "frames": 16, "height": 512, "width": 512}
-        used = [k for k in ("mix_image", "cloth_image", "pose_video", "pose_keypoints", "depth_video",
-                            "sparse_image", "base_checkpoint") if getattr(args, k, None)]
-        if args.mode != "motioncharacter" or used:
-            raise UserError("--url sends the MotionCharacter inputs only; use --mode/--mix-image/controls "
-                            f"in-process (got --mode {args.mode} {' '.join('--' + u.replace('_', '-') for u in used)})")
-
-        def generate(_pipe, **kw):
-            return generate_remote(args.url, **kw)
+        deploy_time = [k for k, v in feature_cli.load_kwargs(args).items() if v]
+        if deploy_time:
+            raise UserError(f"--url: {', '.join(deploy_time)} are chosen when the server is deployed "
+                            "(`motioncharacter deploy --base-checkpoint`, ControlNets in the weights folder)")
+        generate = _remote_generate(args.url)
     else:
         pipe = load_pipeline(weights=args.weights, preset=args.preset, device=args.device,
                              arcface_pack=args.arcface_pack, **feature_cli.load_kwargs(args))
@@ -96,10 +92,40 @@ def run_generate(args) -> int:
             intensity=args.intensity, id_scale=args.id_scale, motion_scale=args.motion_scale, steps=steps,
             guidance=args.guidance, frames=args.frames or d["frames"], height=args.height or d["height"],
             width=args.width or d["width"], seed=args.seed, face_index=args.face_index,
-            progress=lambda i, n: bar.update(i - bar.n), **({} if args.url else feature_cli.feature_kwargs(args)))
+            progress=lambda i, n: bar.update(i - bar.n), **feature_cli.feature_kwargs(args))
     from motioncharacter.video import write_video
 
     write_video(video, out, fps=args.fps)
     print(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, "
           f"face embedder: {pipe.face_embedder.name if pipe else 'on the server'})")
     return 0
+
+
+def _remote_generate(url: str):
+    """``generate`` with the same keywords, run on a Triton server: MotionCharacter requests through
+    ``generate_remote`` (streamed progress over gRPC), feature requests through the client."""
+    from pathlib import Path
+
+    from motioncharacter.serving.client import MotionCharacterClient, generate_remote
+
+    def run(_pipe, *, mode="motioncharacter", progress=None, **kw):
+        base = {k: kw.pop(k) for k in list(kw) if k in _BASE_ARGS}
+        features = {k: v for k, v in kw.items() if v not in (None, [], ())}
+        if mode == "motioncharacter" and not any(k in features for k in _REQUEST_FEATURES):
+            return generate_remote(url, progress=progress, **base)
+        if isinstance(features.get("pose_keypoints"), (str, Path)) and Path(features["pose_keypoints"]).is_file():
+            features["pose_keypoints"] = Path(features["pose_keypoints"]).read_text()  # the server gets the JSON
+        image, prompt = base.pop("image"), base.pop("prompt")
+        if base.get("face_index") is None:
+            base.pop("face_index", None)
+        with MotionCharacterClient(url, timeout_s=600) as client:
+            return client.generate(image, prompt, mode=mode, **base, **features).frames
+
+    return run
+
+
+_BASE_ARGS = ("image", "prompt", "negative_prompt", "action", "intensity", "id_scale", "motion_scale", "steps",
+              "guidance", "frames", "height", "width", "seed", "face_index")
+# feature inputs that change a MotionCharacter-mode request (the rest are defaults or scales)
+_REQUEST_FEATURES = ("mix_image", "mix_ratio", "cloth_image", "pose_video", "pose_keypoints", "depth_video",
+                     "sparse_images", "context_length")

@@ -232,7 +232,10 @@ def test_generate_cli_url_goes_through_triton(triton, tmp_path, expected):
     assert len(a) == len(b) == expected.shape[0]
     idx = list(range(len(a)))
     assert abs(read_frames(a, idx).astype(int) - read_frames(b, idx).astype(int)).mean() < 1.0
-    assert main(args[:-2] + ["--mode", "id-animator"]) == 1  # feature options are in-process only
+    assert main(args + ["--base-checkpoint", str(face)]) == 1  # a deploy-time option
+    # ID-Animator mode goes to the server too (no action: that mode has no motion control)
+    assert main(args[:-2] + ["--mode", "id-animator", "--out", str(tmp_path / "ida.mp4")]) == 0
+    assert len(open_video(tmp_path / "ida.mp4")) == 8
 
 
 def test_pipeline_smoke_step_with_feature_modes(triton, tmp_path):
