@@ -2,7 +2,8 @@
 
 The tracking server comes from ``MLFLOW_TRACKING_URI`` (set by ``motioncharacter stack up``
 for the local stack, or by the cluster); the embedded default is a sqlite file in the
-working directory, ``sqlite:///mlflow.db``, with artifacts next to it.
+working directory, ``mlflow.db``, named by its absolute path (MLflow caches stores by URI, so a
+relative ``sqlite:///mlflow.db`` would keep writing to the first working directory's file).
 
 Stages log through ``log_params`` (flattened, secrets refused), ``log_metrics`` and
 ``log_artifact`` (a local file or folder, or an s3:// URI) inside ``run(...)``.
@@ -19,7 +20,7 @@ from typing import Any, Iterator, Mapping
 
 from .cli import UserError
 
-DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_DB = "mlflow.db"
 CHECK_TIMEOUT = 3.0  # seconds to wait for a tracking server's /health before giving up
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class TrackingError(UserError):
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
 
 
 def check_server(uri: str | None = None, timeout: float = CHECK_TIMEOUT) -> None:
@@ -59,7 +60,7 @@ def check_server(uri: str | None = None, timeout: float = CHECK_TIMEOUT) -> None
     raise TrackingError(
         f"MLflow tracking server {uri} is unreachable ({why}). Start the local one with "
         "`motioncharacter stack up`, or unset MLFLOW_TRACKING_URI to log to the embedded "
-        f"{DEFAULT_URI}")
+        f"{DEFAULT_DB} in the working directory")
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ def test_demo_data_only_without_services(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--no-stack", "--data-only", "--workdir", "w"]) == 0
     out = capsys.readouterr().out
     manifest = tmp_path / "w" / "prepared" / "manifest.jsonl"
-    assert f"manifest: {manifest}" in out and "mlflow: sqlite:///mlflow.db" in out
+    assert f"manifest: {manifest}" in out and f"mlflow: sqlite:///{tmp_path / 'mlflow.db'}" in out
     recs = [json.loads(x) for x in manifest.read_text().splitlines()]
     assert sum(r["kept"] for r in recs) == 6 and len(recs) == 12
     assert (tmp_path / "mlflow.db").is_file()

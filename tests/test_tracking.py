@@ -27,7 +27,7 @@ def test_flatten_and_secret_filter(monkeypatch):
 def test_embedded_default_is_sqlite(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert tracking.tracking_uri() == "sqlite:///mlflow.db"
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
     with tracking.run("unit", run_name="local") as r:
         tracking.log_params({"a": {"b": 1}})
     import mlflow
