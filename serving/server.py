@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -19,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from .. import storage
+from ..stack import free_port  # noqa: F401 (one helper for every loopback service)
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +71,6 @@ def server_env(base: dict | None = None) -> dict:
     # other processes on a shared CPU node) need: measured 0.8 s vs 10-15 s a tiny request here.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # Triton's S3 client wants a region, any for non-AWS stores
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def triton_repository_uri(uri: str) -> str:

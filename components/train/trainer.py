@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from motioncharacter import storage
+from motioncharacter.stack import free_port
 
 from . import checkpoint as ck
 from .data import REF_SIZE, ManifestDataset, check_files, loader, mix_seed, read_manifest
@@ -41,17 +41,11 @@ class Preempted(Exception):
 
 # ---- distributed setup -------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup_distributed() -> tuple[int, int, int]:
     """(rank, local_rank, world_size). Without a launcher: one process on loopback (gloo)."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"])
