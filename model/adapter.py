@@ -55,16 +55,19 @@ class MotionCharacterAdapter(ModelMixin, ConfigMixin):
             mod.set_processor(MotionCharacterAttnProcessor(self.mc_layers[_key(name)]))
 
     def conditioning(self, *, clip_embeds=None, face_embeds=None, action_embeds=None, intensity=None,
-                     id_scale: float = 1.0, motion_scale: float = 1.0) -> MCConditioning:
+                     id_scale: float = 1.0, motion_scale: float = 1.0, id_keep=None, action_keep=None,
+                     motion_keep=None) -> MCConditioning:
         """Build the per-sample tokens: C_id from (clip, face) embeddings, E_A = action
-        embeddings as given (CLIP text encoder output), E_M from intensities (B,)."""
+        embeddings as given (CLIP text encoder output; ``None`` = no action phrase), E_M from
+        intensities (B,). ``*_keep`` (B,) switch a branch off per sample (condition dropout)."""
         id_tokens = self.id_encoder(clip_embeds, face_embeds) if clip_embeds is not None else None
         motion_tokens = None
         if intensity is not None:
             intensity = torch.as_tensor(intensity, dtype=self.dtype, device=self.device).reshape(-1)
             motion_tokens = self.intensity_encoder(intensity)
         return MCConditioning(id_tokens=id_tokens, action_tokens=action_embeds, motion_tokens=motion_tokens,
-                              id_scale=float(id_scale), motion_scale=float(motion_scale))
+                              id_scale=float(id_scale), motion_scale=float(motion_scale), id_keep=id_keep,
+                              action_keep=action_keep, motion_keep=motion_keep)
 
 
 def _heads(dim: int) -> int:

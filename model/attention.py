@@ -5,7 +5,10 @@ One processor per layer computes, in order:
   eq. 8  Z'' = Attn(Q', K^a, V^a) + alpha * Attn(Q', K^m, V^m),  Q' = Z' W'q   action + motion
   out  = Z' + out_motion(Z'')
 ``to_v_id`` and ``out_motion`` start at zero, so an untrained adapter returns the stock
-output exactly. The conditioning travels in ``cross_attention_kwargs["ip_hidden_states"]``:
+output exactly. Per-sample keep masks switch branches off for single samples of a batch
+(classifier-free guidance's unconditional half, condition dropout in training, an empty
+action phrase): a sample with every branch off gets exactly the base model's output, with
+no out-projection bias added. The conditioning travels in ``cross_attention_kwargs["ip_hidden_states"]``:
 diffusers' Attention drops that key silently for processors that do not take it (the
 self-attention and motion-module layers keep their stock processors and see no warning).
 """
@@ -26,6 +29,7 @@ class MCConditioning:
 
     Token tensors are (B, T, text_dim) with B the UNet batch before frames are folded in;
     ``None`` skips that branch. ``id_scale`` is lambda (eq. 3), ``motion_scale`` alpha (eq. 8).
+    ``*_keep`` are per-sample (B,) masks (1 = on, 0 = off; ``None`` = on for every sample).
     """
 
     id_tokens: torch.Tensor | None = None
@@ -33,9 +37,68 @@ class MCConditioning:
     motion_tokens: torch.Tensor | None = None
     id_scale: float = 1.0
     motion_scale: float = 1.0
+    id_keep: torch.Tensor | None = None
+    action_keep: torch.Tensor | None = None
+    motion_keep: torch.Tensor | None = None
 
     def kwargs(self) -> dict:
         return {COND_KEY: self}
+
+    def batch_size(self) -> int:
+        for t in (self.id_tokens, self.action_tokens, self.motion_tokens):
+            if t is not None:
+                return t.shape[0]
+        return 0
+
+    def unconditional(self) -> "MCConditioning":
+        """The same shapes with every branch off: classifier-free guidance's "no condition"."""
+        b = self.batch_size()
+        zeros = None if b == 0 else torch.zeros(b, device=_device(self))
+        return MCConditioning(self.id_tokens, self.action_tokens, self.motion_tokens, self.id_scale,
+                              self.motion_scale, zeros, zeros, zeros)
+
+    @staticmethod
+    def cat(a: "MCConditioning", b: "MCConditioning") -> "MCConditioning":
+        """``a`` and ``b`` stacked along the batch (scales from ``b``); a branch missing in one
+        of them is kept with that half switched off."""
+        na, nb = a.batch_size(), b.batch_size()
+        toks, keeps = {}, {}
+        for br in ("id", "action", "motion"):
+            ta, tb = getattr(a, f"{br}_tokens"), getattr(b, f"{br}_tokens")
+            if ta is None and tb is None:
+                toks[br], keeps[br] = None, None
+                continue
+            like = tb if tb is not None else ta
+            ta = torch.zeros((na, *like.shape[1:]), dtype=like.dtype, device=like.device) if ta is None else ta
+            tb = torch.zeros((nb, *like.shape[1:]), dtype=like.dtype, device=like.device) if tb is None else tb
+            ka = _keep_or(getattr(a, f"{br}_keep"), na, like.device) * (getattr(a, f"{br}_tokens") is not None)
+            kb = _keep_or(getattr(b, f"{br}_keep"), nb, like.device) * (getattr(b, f"{br}_tokens") is not None)
+            toks[br], keeps[br] = torch.cat([ta, tb]), torch.cat([ka, kb])
+        return MCConditioning(toks["id"], toks["action"], toks["motion"], b.id_scale, b.motion_scale,
+                              keeps["id"], keeps["action"], keeps["motion"])
+
+
+def _device(c: MCConditioning):
+    for t in (c.id_tokens, c.action_tokens, c.motion_tokens):
+        if t is not None:
+            return t.device
+    return "cpu"
+
+
+def _keep_or(keep: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    return torch.ones(n, device=device) if keep is None else keep.to(device).float().reshape(n)
+
+
+def _per_frame(keep: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (B*F, N, C) with the samples whose keep is 0 zeroed (keep: (B,) or None)."""
+    if keep is None:
+        return out
+    b = keep.shape[0]
+    return out * keep.to(out.dtype).repeat_interleave(out.shape[0] // b).view(-1, 1, 1)
+
+
+def _any_on(keep: torch.Tensor | None) -> bool:
+    return keep is None or bool((keep != 0).any())
 
 
 class MCLayer(nn.Module):
@@ -123,26 +186,32 @@ class MotionCharacterAttnProcessor:
 
         c, layer = ip_hidden_states, self.layer
         # eq. 3: decoupled ID cross-attention shares Q with the text attention.
-        if c is not None and c.id_tokens is not None and c.id_scale != 0:
-            hidden_states = hidden_states + c.id_scale * _per_sample_attention(
-                query, c.id_tokens.to(query.dtype), layer.to_k_id, layer.to_v_id, attn.heads)
+        if c is not None and c.id_tokens is not None and c.id_scale != 0 and _any_on(c.id_keep):
+            hidden_states = hidden_states + c.id_scale * _per_frame(c.id_keep, _per_sample_attention(
+                query, c.id_tokens.to(query.dtype), layer.to_k_id, layer.to_v_id, attn.heads))
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
 
         # eq. 8: action and motion attention in parallel on Q' = Z' W'q.
-        use_action = c is not None and c.action_tokens is not None
-        use_motion = c is not None and c.motion_tokens is not None and c.motion_scale != 0
+        # A sample with both branches off gets nothing here, not even out_motion's bias.
+        use_action = c is not None and c.action_tokens is not None and _any_on(c.action_keep)
+        use_motion = (c is not None and c.motion_tokens is not None and c.motion_scale != 0
+                      and _any_on(c.motion_keep))
         if use_action or use_motion:
             q2 = layer.to_q_motion(hidden_states)
             z2 = 0
+            on = 0
             if use_action:
-                z2 = _per_sample_attention(q2, c.action_tokens.to(q2.dtype), layer.to_k_action,
-                                           layer.to_v_action, attn.heads)
+                z2 = _per_frame(c.action_keep, _per_sample_attention(
+                    q2, c.action_tokens.to(q2.dtype), layer.to_k_action, layer.to_v_action, attn.heads))
+                on = _keep_or(c.action_keep, c.action_tokens.shape[0], q2.device)
             if use_motion:
-                z2 = z2 + c.motion_scale * _per_sample_attention(
-                    q2, c.motion_tokens.to(q2.dtype), layer.to_k_motion, layer.to_v_motion, attn.heads)
-            hidden_states = hidden_states + layer.out_motion(z2)
+                z2 = z2 + c.motion_scale * _per_frame(c.motion_keep, _per_sample_attention(
+                    q2, c.motion_tokens.to(q2.dtype), layer.to_k_motion, layer.to_v_motion, attn.heads))
+                on = torch.maximum(torch.as_tensor(on, device=q2.device, dtype=torch.float32),
+                                   _keep_or(c.motion_keep, c.motion_tokens.shape[0], q2.device))
+            hidden_states = hidden_states + _per_frame((on != 0).float(), layer.out_motion(z2))
 
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)

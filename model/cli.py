@@ -14,7 +14,8 @@ def add_commands(sub) -> None:
     src.add_argument("--weights", metavar="DIR_OR_URI",
                      help="weights folder or s3:// URI in the diffusers layout (unet/, motion_adapter/, vae/, "
                           "text_encoder/, tokenizer/, image_encoder/, optional adapter/)")
-    src.add_argument("--preset", choices=["tiny"], help="small random models for a CPU smoke run")
+    src.add_argument("--preset", choices=["tiny", "mini"],
+                     help="tiny: small random models for a CPU smoke run; mini: the small model trained here by `demo --learn`")
     src.add_argument("--url", metavar="URL",
                      help="generate on a Triton server instead (http://HOST:8000 or grpc://HOST:8001, see "
                           "`motioncharacter serve`); ID-Animator/DreaMoving options are sent along, "

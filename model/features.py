@@ -286,7 +286,6 @@ def _generate(pipe, opts: FeatureOptions, *, image, prompt, negative_prompt, act
 
 def _conditioning(pipe, opts, refs, cloth_rgb, ratio, action, intensity, id_scale, motion_scale):
     """(conditional, unconditional, model whose processors to attach)."""
-    from .attention import MCConditioning
     from .content_guider import GuiderConditioning
 
     if opts.mode == "motioncharacter":
@@ -296,10 +295,7 @@ def _conditioning(pipe, opts, refs, cloth_rgb, ratio, action, intensity, id_scal
             clip, face = mix(clip, clip2, ratio), mix(face, face2, ratio, unit=True)
         c = pipe.adapter.conditioning(clip_embeds=clip, face_embeds=face, action_embeds=pipe.encode_action(action),
                                       intensity=[float(intensity)], id_scale=id_scale, motion_scale=motion_scale)
-        u = MCConditioning(id_tokens=torch.zeros_like(c.id_tokens), action_tokens=pipe.encode_action(""),
-                           motion_tokens=torch.zeros_like(c.motion_tokens), id_scale=id_scale,
-                           motion_scale=motion_scale)
-        return c, u, pipe.adapter
+        return c, c.unconditional(), pipe.adapter
 
     dm = opts.mode == "dreamoving"
     guider = component(pipe, "content_guider" if dm else "face_adapter")
@@ -321,6 +317,8 @@ def _conditioning(pipe, opts, refs, cloth_rgb, ratio, action, intensity, id_scal
 
 def _cat(u, c):
     """Stack the unconditional and conditional conditionings along the batch (same type and scales)."""
+    if hasattr(type(c), "cat"):
+        return type(c).cat(u, c)
     kw = {}
     for f in fields(c):
         a, b = getattr(u, f.name), getattr(c, f.name)

@@ -32,6 +32,10 @@ def load_pipeline(weights: str | None = None, preset: str | None = None, device:
 
     if (weights is None) == (preset is None):
         raise ValueError("pass exactly one of weights (a folder or s3:// URI) and preset (e.g. 'tiny')")
+    if preset == "mini":
+        from .presets import mini_weights
+
+        weights, preset = mini_weights(), None
     face = embedder(arcface_pack)
     face_dim = 512 if face.name == "arcface" else 128
     if preset is not None:
@@ -49,14 +53,18 @@ def load_pipeline(weights: str | None = None, preset: str | None = None, device:
             logger.warning("%s has no adapter/; using an untrained adapter (output = base AnimateDiff)", weights)
             parts["adapter"] = MotionCharacterAdapter.for_unet(
                 parts["unet"], clip_image_dim=parts["image_encoder"].config.projection_dim, face_dim=face_dim)
-    pipe = MotionCharacterPipeline(**parts)
+    pipe = MotionCharacterPipeline(**{k: v for k, v in parts.items() if k != "info"})
     pipe.face_embedder = face
     # sizes that suit the weights (diffusers' rule: UNet sample size x VAE factor); a model that
-    # small (the tiny preset, or tiny weights saved to a folder) gets smoke-test frames/steps too
+    # small (the tiny preset, or tiny weights saved to a folder) gets smoke-test frames/steps too;
+    # a folder's motioncharacter.json (the trained mini base writes one) says what it was trained for
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     small = native <= TINY["height"]
     pipe.defaults = dict(frames=TINY["frames"] if small else 16, height=native, width=native,
                          steps=TINY["steps"] if small else 25)
+    info = parts.get("info") or {}
+    pipe.defaults.update({k: v for k, v in (info.get("defaults") or {}).items() if k in pipe.defaults})
+    pipe.guidance_default = float((info.get("defaults") or {}).get("guidance", 8.0))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

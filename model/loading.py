@@ -8,6 +8,7 @@ unless the caller passes ``allow_pickle=True``: pickled checkpoints can run code
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -18,6 +19,7 @@ logger = logging.getLogger("motioncharacter.model")
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 REQUIRED = ("unet", "motion_adapter", "vae", "text_encoder", "tokenizer", "image_encoder")
 ADAPTER_DIR = "adapter"
+WEIGHTS_INFO = "motioncharacter.json"  # optional: generation defaults and lineage of a weights folder
 
 
 def refuse_pickles(folder: Path, allow_pickle: bool = False) -> None:
@@ -67,6 +69,8 @@ def load_components(weights: str, device: str = "cpu", allow_pickle: bool = Fals
     parts["scheduler"] = (DDIMScheduler.from_pretrained(sc) if sc.is_dir()
                           else DDIMScheduler(**animatediff_scheduler_config()))
     parts["adapter"] = load_adapter(root / ADAPTER_DIR, allow_pickle) if (root / ADAPTER_DIR).is_dir() else None
+    info = root / WEIGHTS_INFO
+    parts["info"] = json.loads(info.read_text()) if info.is_file() else {}
     return parts
 
 

@@ -3,9 +3,10 @@ phrase and a motion intensity.
 
 It reuses the parent's prompt encoding, latent preparation, scheduler stepping and VAE
 decoding; only the conditioning is new. Classifier-free guidance drops every condition
-at once: the unconditional branch gets the negative prompt, the empty action phrase and
-no ID or motion tokens (zero tokens give exactly zero attention output, because the K/V
-projections have no bias), i.e. it is the base AnimateDiff prediction.
+at once: the unconditional branch gets the negative prompt and no ID, action or motion
+branch at all (per-sample keep masks, see ``MCConditioning``), i.e. it is exactly the base
+AnimateDiff prediction; training's joint condition dropout teaches the same "no condition".
+An empty action phrase means no action branch, in training and inference alike.
 """
 from __future__ import annotations
 
@@ -103,8 +104,11 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
         return clip, face
 
     @torch.no_grad()
-    def encode_action(self, action: str) -> torch.Tensor:
-        """E_A: the frozen CLIP text encoder's hidden states for the action phrase (1, 77, D)."""
+    def encode_action(self, action: str) -> torch.Tensor | None:
+        """E_A: the frozen CLIP text encoder's hidden states for the action phrase (1, 77, D);
+        ``None`` for an empty phrase (no action branch)."""
+        if not action.strip():
+            return None
         emb, _ = self.encode_prompt(action, self.device, 1, False)
         return emb
 
@@ -147,11 +151,7 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
                                          intensity=[float(intensity)], id_scale=id_scale, motion_scale=motion_scale)
         if cfg:
             text = torch.cat([neg, text])
-            cond = MCConditioning(
-                id_tokens=torch.cat([torch.zeros_like(cond.id_tokens), cond.id_tokens]),
-                action_tokens=torch.cat([self.encode_action(""), cond.action_tokens]),
-                motion_tokens=torch.cat([torch.zeros_like(cond.motion_tokens), cond.motion_tokens]),
-                id_scale=id_scale, motion_scale=motion_scale)
+            cond = MCConditioning.cat(cond.unconditional(), cond)
         text = text.repeat_interleave(num_frames, dim=0)  # the UNet wants per-frame text, (B*F, 77, D)
 
         return self.denoise(text, cond, num_frames=num_frames, height=height, width=width,

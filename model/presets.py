@@ -21,7 +21,25 @@ TINY = {
     "text_dim": 32,
     "face_dim": 128,  # SFace, the offline embedder
 }
-PRESETS = ("tiny",)
+PRESETS = ("tiny", "mini")
+MINI_ENV = "MOTIONCHARACTER_MINI"
+MINI_DEFAULT = "outputs/learn/work/mini"  # where `motioncharacter demo --learn` trains it
+
+
+def mini_weights() -> str:
+    """The ``mini`` preset: small models *trained on this machine* (``demo --learn`` or ``train-base``),
+    found at $MOTIONCHARACTER_MINI or ./outputs/learn/work/mini. Unlike ``tiny`` (random weights,
+    for plumbing tests) it is a trained model, though tiny and not a quality model."""
+    import os
+
+    from motioncharacter import storage
+
+    uri = os.environ.get(MINI_ENV) or MINI_DEFAULT
+    if not storage.exists(storage.join(uri, "motioncharacter.json")):
+        raise FileNotFoundError(f"the mini preset is trained on this machine and {uri} holds none yet: run "
+                                f"`motioncharacter demo --learn` (about 25 min on 2 cores), or set {MINI_ENV} to a "
+                                "folder written by `motioncharacter train-base`, or pass --weights")
+    return uri
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -130,3 +130,104 @@ def write_fixtures(out_dir: str | Path, velocities: tuple[float, ...] = (0, 4, 8
         put("truncated.mp4", lambda: (out / "grace_v08.mp4").read_bytes()[:6000]
             if (out / "grace_v08.mp4").exists() else encode_video(motion_clip(8), "mp4", SRC_FPS)[:6000])
     return out
+
+
+# ---- the learning set: many identities, speeds, directions and backgrounds ------------------------
+#
+# For `demo --learn` (the mini model). Each clip is 16 source frames at 8 fps (8 frames at 4 fps,
+# data preparation's sampling), the face crossing the frame centre on a straight line at ``v`` px
+# per 4-fps step of a 512-px frame, in one of 8 directions, over a smooth random background.
+# Identities are split: training clips use TRAIN_IDENTITIES, the held-out portraits (never seen in
+# training) use HELDOUT_IDENTITIES.
+
+LEARN_FRAMES = 16
+TRAIN_IDENTITIES = ("grace_hopper", "astronaut", "tom_hanks", "group_0", "group_1")
+HELDOUT_IDENTITIES = ("group_2", "group_3", "group_4", "group_5")
+
+
+def identity_face(name: str, face_px: int = 300) -> np.ndarray:
+    """A square face patch (RGB uint8) of a named package-shipped identity: ``grace_hopper``,
+    ``astronaut``, ``tom_hanks`` (insightface's sample) or ``group_<k>``, the k-th largest face
+    of insightface's group photo t1.jpg."""
+    from .faces import crop, detector
+
+    if name in ("grace_hopper", "astronaut"):
+        img = package_face(name)
+        face = detector().one(img, name)
+    else:
+        import insightface
+        from PIL import Image
+
+        base = Path(insightface.__file__).parent / "data" / "images"
+        if name == "tom_hanks":
+            with Image.open(base / "Tom_Hanks_54745.png") as im:  # an aligned 112-px crop: pad it
+                img = cv2.copyMakeBorder(np.asarray(im.convert("RGB")), 40, 40, 40, 40, cv2.BORDER_REFLECT)
+            face = detector().one(img, name)
+        elif name.startswith("group_"):
+            with Image.open(base / "t1.jpg") as im:
+                img = np.asarray(im.convert("RGB"))
+            faces = sorted(detector().detect(img), key=lambda f: f.box[0])  # left to right
+            face = faces[int(name.split("_")[1])]
+        else:
+            raise ValueError(f"unknown identity {name!r}")
+    return crop(img, face, margin=0.3, size=face_px)
+
+
+def smooth_background(seed: int) -> np.ndarray:
+    """A smooth random colour field (textured enough for optical flow to read zero motion)."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(60, 200, 3).astype(np.float32)  # one muted colour, gently varying
+    cells = rng.uniform(-40, 40, (4, 4, 3)).astype(np.float32)
+    bg = cv2.resize(cells, (SIZE, SIZE), interpolation=cv2.INTER_CUBIC)
+    return np.clip(base + bg, 0, 255).astype(np.uint8)
+
+
+def linear_clip(v: float, face: np.ndarray, angle: float, background: np.ndarray,
+                n: int = LEARN_FRAMES, offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """(n, 512, 512, 3): the face patch moving ``v`` px per 4-fps step (v/2 per 8-fps source
+    frame) along ``angle`` (radians), passing the centre (+ offset) at the middle frame."""
+    h = face.shape[0]
+    alpha = np.zeros((h, h), np.float32)
+    cv2.ellipse(alpha, (h // 2, h // 2), (int(h * 0.42), int(h * 0.5)), 0, 0, 360, 1.0, -1)
+    alpha = cv2.GaussianBlur(alpha, (0, 0), 3)[..., None]
+    d = np.array([math.cos(angle), math.sin(angle)]) * v * SAMPLE_FPS / SRC_FPS
+    frames = []
+    for k in range(n):
+        cx, cy = np.array([SIZE / 2 + offset[0], SIZE / 2 + offset[1]]) + d * (k - (n - 1) / 2)
+        m = np.float32([[1, 0, cx - h / 2], [0, 1, cy - h / 2]])
+        warped = cv2.warpAffine(face, m, (SIZE, SIZE), flags=cv2.INTER_LINEAR).astype(np.float32)
+        wa = cv2.warpAffine(alpha, m, (SIZE, SIZE), flags=cv2.INTER_LINEAR)[..., None]
+        frames.append(np.clip(background * (1 - wa) + warped * wa, 0, 255).astype(np.uint8))
+    return np.stack(frames)
+
+
+def write_learn_fixtures(out_dir: str | Path, clips_per_identity: int = 12, seed: int = 0) -> dict[str, Path]:
+    """Training clips (``clips/``: speeds spread evenly over 0..20 for every training identity,
+    random direction, background and offset) and held-out portraits (``heldout/``, one per
+    held-out identity). Idempotent. Returns {"clips": dir, "heldout": dir}."""
+    out = Path(out_dir)
+    clips, held = out / "clips", out / "heldout"
+    clips.mkdir(parents=True, exist_ok=True)
+    held.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    speeds = np.linspace(0, 20, clips_per_identity)
+    for i, name in enumerate(TRAIN_IDENTITIES):
+        face = None
+        for j, v in enumerate(rng.permutation(speeds)):
+            angle = float(rng.integers(8)) * math.pi / 4
+            off = tuple(rng.uniform(-25, 25, 2))
+            bg_seed = int(rng.integers(1 << 30))
+            p = clips / f"{name}_{j:02d}_v{v:04.1f}.mp4"
+            if p.exists():
+                continue
+            face = identity_face(name) if face is None else face
+            tmp = p.with_name("." + p.name + ".partial")
+            tmp.write_bytes(encode_video(linear_clip(float(v), face, angle, smooth_background(bg_seed), offset=off),
+                                         "mp4", SRC_FPS))
+            tmp.replace(p)
+    for k, name in enumerate(HELDOUT_IDENTITIES):
+        p = held / f"{name}.png"
+        if not p.exists():
+            still = linear_clip(0.0, identity_face(name), 0.0, smooth_background(10_000 + k), n=1)[0]
+            cv2.imwrite(str(p), cv2.cvtColor(still, cv2.COLOR_RGB2BGR))
+    return {"clips": clips, "heldout": held}

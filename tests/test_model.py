@@ -301,12 +301,91 @@ def test_pickled_base_weights_refused(tmp_path):
         load_components(str(d))
 
 
-def test_cfg_unconditional_branch_is_base_model(pipe):
-    """Zero ID/motion tokens must give exactly zero extra attention output (no K/V bias)."""
-    for layer in pipe.adapter.mc_layers.values():
-        for lin in (layer.to_k_id, layer.to_v_id, layer.to_k_motion, layer.to_v_motion):
-            assert lin.bias is None
-    assert math.isclose(pipe.adapter.config.face_dim, 128)
+def _capture_unet_calls(pipe):
+    """Wrap pipe.unet.forward to record (inputs, text, cond, output) of every call."""
+    calls, inner = [], pipe.unet.forward
+
+    def spy(sample, t, encoder_hidden_states=None, cross_attention_kwargs=None, **kw):
+        out = inner(sample, t, encoder_hidden_states=encoder_hidden_states,
+                    cross_attention_kwargs=cross_attention_kwargs, **kw)
+        calls.append((sample.clone(), t, encoder_hidden_states.clone(), out.sample.clone()))
+        return out
+    return calls, spy
+
+
+def test_cfg_unconditional_branch_is_base_model(hopper):
+    """Through the pipeline, with a non-zero adapter (biases included): the unconditional half of
+    the guidance batch is exactly the base model's prediction for the negative prompt, while the
+    conditional half differs from it."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from motioncharacter.model.inference import generate, load_pipeline
+
+    pipe = load_pipeline(preset="tiny")
+    _randomize(pipe.adapter)
+    assert float(next(iter(pipe.adapter.mc_layers.values())).out_motion.bias.detach().abs().sum()) > 0
+    calls, spy = _capture_unet_calls(pipe)
+    pipe.unet.forward = spy
+    try:
+        generate(pipe, image=hopper, prompt="a woman talking", action="talking", intensity=12.0, guidance=5.0,
+                 **TINY)
+    finally:
+        del pipe.unet.forward
+    assert len(calls) == TINY["steps"]
+    stock = copy.deepcopy(pipe.unet)
+    stock.set_attn_processor(AttnProcessor2_0())  # the base AnimateDiff UNet, no adapter at all
+    f = TINY["frames"]
+    for sample, t, text, out in calls:
+        with torch.inference_mode():
+            base = stock(sample[:1], t, encoder_hidden_states=text[:f]).sample
+            base_cond = stock(sample[1:], t, encoder_hidden_states=text[f:]).sample
+        uncond, cond = out.chunk(2)
+        assert torch.allclose(uncond, base, atol=1e-5), float((uncond - base).abs().max())
+        assert not torch.allclose(cond, base_cond, atol=1e-3)
+
+
+def test_empty_action_means_no_action_branch(parts, inputs):
+    """An empty action phrase gives the same output as no action tokens at all (no out-projection
+    bias), in the pipeline's encoding and in training's per-sample keep mask."""
+    from motioncharacter.model.inference import load_pipeline
+
+    pipe = load_pipeline(preset="tiny")
+    assert pipe.encode_action("") is None and pipe.encode_action("  ") is None
+    ad = _randomize(MotionCharacterAdapter.for_unet(parts["unet"], clip_image_dim=32, face_dim=128))
+    unet = _mc_unet(parts, ad)
+    base = dict(clip_embeds=inputs["clip"], face_embeds=inputs["face"])
+    with torch.no_grad():
+        none = _run(unet, inputs, ad.conditioning(**base, action_embeds=None))
+        masked = _run(unet, inputs, ad.conditioning(**base, action_embeds=inputs["action"],
+                                                      action_keep=torch.zeros(1)))
+        only_id = _run(unet, inputs, ad.conditioning(**base, action_embeds=inputs["action"],
+                                                       action_keep=torch.zeros(1), id_keep=torch.ones(1)))
+        with_action = _run(unet, inputs, ad.conditioning(**base, action_embeds=inputs["action"]))
+        all_off = _run(unet, inputs, ad.conditioning(**base, action_embeds=inputs["action"], intensity=[9.0],
+                                                       id_keep=torch.zeros(1), action_keep=torch.zeros(1),
+                                                       motion_keep=torch.zeros(1)))
+        stock = _run(parts["unet"], inputs)
+    assert torch.allclose(none, masked, atol=1e-6) and torch.allclose(none, only_id, atol=1e-6)
+    assert not torch.allclose(none, with_action, atol=1e-4)
+    assert torch.allclose(all_off, stock, atol=1e-5)  # joint condition dropout = the base model
+
+
+def test_keep_masks_act_per_sample(parts, inputs):
+    """In a batch of two, switching sample 0 off leaves sample 1 exactly as when run alone."""
+    ad = _randomize(MotionCharacterAdapter.for_unet(parts["unet"], clip_image_dim=32, face_dim=128))
+    unet = _mc_unet(parts, ad)
+    two = {k: (torch.cat([v, v]) if k != "t" else v) for k, v in inputs.items()}
+    two["sample"] = torch.cat([inputs["sample"], inputs["sample"].flip(-1)])
+    kw = dict(clip_embeds=two["clip"], face_embeds=two["face"], action_embeds=two["action"], intensity=[3.0, 15.0])
+    off = torch.tensor([0.0, 1.0])
+    with torch.no_grad():
+        out = _run(unet, two, ad.conditioning(**kw, id_keep=off, action_keep=off, motion_keep=off))
+        one = {**inputs, "sample": two["sample"][1:]}
+        alone = _run(unet, one, ad.conditioning(clip_embeds=inputs["clip"], face_embeds=inputs["face"],
+                                                action_embeds=inputs["action"], intensity=[15.0]))
+        stock0 = _run(parts["unet"], {**inputs, "sample": two["sample"][:1]})
+    assert torch.allclose(out[1:], alone, atol=1e-5)
+    assert torch.allclose(out[:1], stock0, atol=1e-5)
 
 
 @pytest.mark.services

@@ -42,7 +42,8 @@ def add_commands(sub) -> None:
                "  motioncharacter evaluate fetch-unsplash50 --out ./unsplash50")
     src = e.add_mutually_exclusive_group()
     src.add_argument("--weights", metavar="DIR_OR_URI", help="weights folder or s3:// URI (diffusers layout)")
-    src.add_argument("--preset", choices=["tiny"], help="small random models for a CPU smoke run")
+    src.add_argument("--preset", choices=["tiny", "mini"],
+                     help="tiny: small random models for a CPU smoke run; mini: the small model trained here by `demo --learn`")
     e.add_argument("--eval-set", metavar="DIR_OR_URI", help="folder or s3:// prefix of portrait images")
     e.add_argument("--output", "-o", metavar="DIR_OR_URI", help="where videos and results go (folder or s3://)")
     e.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N items (a quick run)")

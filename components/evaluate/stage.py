@@ -144,6 +144,10 @@ def evaluate(eval_set: str, output: str, cfg: EvalConfig, *, weights: str | None
 
     from .score import Scorer
 
+    if preset == "mini":  # a trained folder: fingerprint its files like any other weights
+        from motioncharacter.model.presets import mini_weights
+
+        weights, preset = mini_weights(), None
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     portraits = list_portraits(eval_set)

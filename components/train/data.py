@@ -102,7 +102,8 @@ def resize_crop(img: np.ndarray, size: int) -> np.ndarray:
 class ManifestDataset(Dataset):
     """Items are keyed (micro_step, slot, index) by ``StepBatchSampler``; each is a dict of
     frames (F, 3, R, R) float32 in [-1, 1], masks (F, R, R) float32, ref (224, 224, 3) uint8,
-    face_emb (d,), caption, action, intensity, keep_image, keep_clip, clip."""
+    face_emb (d,), caption, action, intensity, keep_image, keep_clip, keep_motion (0 under joint
+    condition dropout), clip."""
 
     def __init__(self, manifest: Manifest, cfg: DataSettings, resolution: int, seed: int = 0, rank: int = 0,
                  face_dim: int = 128, arcface_pack: str = ""):
@@ -182,13 +183,17 @@ class ManifestDataset(Dataset):
         else:
             ref = cv2.resize(self._image(rec, paths[0]), (REF_SIZE, REF_SIZE), interpolation=cv2.INTER_AREA)
             face_emb = self._face_embedding(paths[0], ref)
-        drop_text, drop_image, drop_clip = rng.random(3) < (c.text_dropout, c.image_dropout, c.clip_dropout)
+        drop_text, drop_image, drop_clip, drop_all = rng.random(4) < (c.text_dropout, c.image_dropout,
+                                                                      c.clip_dropout, c.cond_dropout)
+        # joint condition dropout: text, reference, action and intensity together (CFG's "no condition")
+        drop_text, drop_image = drop_text or drop_all, drop_image or drop_all
         intensity = 0.0 if rec.get("still") else float(rec.get("motion_intensity") or 0.0)
         x = np.ascontiguousarray(frames).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
         return dict(frames=x, masks=np.ascontiguousarray(masks, dtype=np.float32), ref=np.ascontiguousarray(ref),
                     face_emb=face_emb, caption="" if drop_text else str(rec.get("caption") or ""),
                     action=str(rec.get("action") or ""), intensity=min(max(intensity, 0.0), 20.0),
                     keep_image=0.0 if drop_image else 1.0, keep_clip=0.0 if (drop_clip or drop_image) else 1.0,
+                    keep_motion=0.0 if drop_all else 1.0,
                     clip=str(rec["clip"]))
 
 

@@ -22,6 +22,7 @@ class DataSettings:
     text_dropout: float = 0.05
     image_dropout: float = 0.05        # drops the whole reference (ID tokens zero, as in CFG)
     clip_dropout: float = 0.5          # drops E_clip only (the face embedding stays)
+    cond_dropout: float = 0.05         # drops text, reference, action and intensity together (for CFG)
     num_workers: int = 2
     prefetch_factor: int = 2
 
@@ -77,7 +78,7 @@ class TrainConfig:
         from motioncharacter.config import ConfigError
 
         d, r = self.data, self.train
-        for name in ("flip_prob", "text_dropout", "image_dropout", "clip_dropout"):
+        for name in ("flip_prob", "text_dropout", "image_dropout", "clip_dropout", "cond_dropout"):
             v = getattr(d, name)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"data.{name} must be in [0, 1], got {v}")

@@ -105,11 +105,14 @@ class MCTrainModule(nn.Module):
         self.unet, self.adapter, self.motion_control = unet, adapter, motion_control
         adapter.attach(unet)
 
-    def forward(self, noisy, t, text, clip, face, action, intensity, keep_image):
+    def forward(self, noisy, t, text, clip, face, action, intensity, keep_image, keep_action, keep_motion):
+        """``keep_*`` (B,) switch the ID, action and motion branches off per sample: image dropout,
+        an empty action phrase, joint condition dropout (all off = CFG's "no condition")."""
         mc = self.motion_control
         cond = self.adapter.conditioning(clip_embeds=clip, face_embeds=face, action_embeds=action if mc else None,
-                                         intensity=intensity if mc else None)
-        cond.id_tokens = cond.id_tokens * keep_image.to(cond.id_tokens.dtype)[:, None, None]  # image dropout
+                                         intensity=intensity if mc else None, id_keep=keep_image,
+                                         action_keep=keep_action if mc else None,
+                                         motion_keep=keep_motion if mc else None)
         return self.unet(noisy, t, encoder_hidden_states=text, cross_attention_kwargs=cond.kwargs()).sample
 
 
@@ -123,6 +126,10 @@ def build_parts(cfg: TrainConfig) -> dict:
     if bool(m.weights) == bool(m.preset):
         raise ValueError("give exactly one of --weights DIR_OR_URI (model.weights) and --preset tiny (model.preset)")
     face_dim = 512 if m.arcface_pack else 128  # ArcFace or the offline SFace
+    if m.preset == "mini":
+        from motioncharacter.model.presets import mini_weights
+
+        m.weights, m.preset = mini_weights(), ""
     if m.preset:
         from motioncharacter.model.motion_module import motion_unet
         from motioncharacter.model.presets import PRESETS, build_tiny
@@ -202,8 +209,10 @@ def compute_loss(engine, parts: dict, fmodel: nn.Module, batch: dict, cfg: Train
         clip = parts["image_encoder"](px.to(device, dtype)).image_embeds
         clip = clip * batch["keep_clip"].to(device, dtype)[:, None]  # CLIP-embedding dropout
     keep = batch["keep_image"].to(device)
+    keep_motion = batch["keep_motion"].to(device)
+    has_action = torch.tensor([bool(a.strip()) for a in batch["action"]], dtype=keep_motion.dtype, device=device)
     pred = engine(noisy, t, text, clip, batch["face_emb"].to(device, dtype), action,
-                  batch["intensity"].to(device, dtype), keep)
+                  batch["intensity"].to(device, dtype), keep, has_action * keep_motion, keep_motion)
     masks = batch["masks"] if cfg.loss.region_aware else None
     l_r = region_aware_loss(pred, noise, masks)
     l_id = torch.zeros((), device=device)
