@@ -23,12 +23,12 @@ TINY = {
 }
 PRESETS = ("tiny", "mini")
 MINI_ENV = "MOTIONCHARACTER_MINI"
-MINI_DEFAULT = "outputs/learn/work/mini"  # where `motioncharacter demo --learn` trains it
+MINI_DEFAULT = "outputs/learn/mini"  # where `motioncharacter demo --learn` leaves it
 
 
 def mini_weights() -> str:
     """The ``mini`` preset: small models *trained on this machine* (``demo --learn`` or ``train-base``),
-    found at $MOTIONCHARACTER_MINI or ./outputs/learn/work/mini. Unlike ``tiny`` (random weights,
+    found at $MOTIONCHARACTER_MINI or ./outputs/learn/mini (base + the trained adapter). Unlike ``tiny`` (random weights,
     for plumbing tests) it is a trained model, though tiny and not a quality model."""
     import os
 

@@ -145,7 +145,7 @@ TRAIN_IDENTITIES = ("grace_hopper", "astronaut", "tom_hanks", "group_0", "group_
 HELDOUT_IDENTITIES = ("group_2", "group_3", "group_4", "group_5")
 
 
-def identity_face(name: str, face_px: int = 300) -> np.ndarray:
+def identity_face(name: str, face_px: int = 320) -> np.ndarray:
     """A square face patch (RGB uint8) of a named package-shipped identity: ``grace_hopper``,
     ``astronaut``, ``tom_hanks`` (insightface's sample) or ``group_<k>``, the k-th largest face
     of insightface's group photo t1.jpg."""
@@ -176,8 +176,8 @@ def identity_face(name: str, face_px: int = 300) -> np.ndarray:
 def smooth_background(seed: int) -> np.ndarray:
     """A smooth random colour field (textured enough for optical flow to read zero motion)."""
     rng = np.random.default_rng(seed)
-    base = rng.uniform(60, 200, 3).astype(np.float32)  # one muted colour, gently varying
-    cells = rng.uniform(-40, 40, (4, 4, 3)).astype(np.float32)
+    base = rng.uniform(70, 190, 3).astype(np.float32)  # one muted colour, gently varying
+    cells = rng.uniform(-20, 20, (3, 3, 3)).astype(np.float32)
     bg = cv2.resize(cells, (SIZE, SIZE), interpolation=cv2.INTER_CUBIC)
     return np.clip(base + bg, 0, 255).astype(np.uint8)
 

@@ -18,8 +18,10 @@ Settings: the packaged ``configs/learn.yaml`` (``--config`` to use another).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -70,7 +72,10 @@ def run_learn(output: str | Path, work_uri: str | None = None, cfg: dict | None 
     cfg = cfg or load_learn_config()
     out = Path(output).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    work = work_uri or str(out / "work")
+    # stages resume from what they find in the work area, so it is keyed by the settings: a re-run
+    # with the same settings continues, changed settings start afresh
+    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    work = storage.join(work_uri or str(out / "work"), key)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -117,7 +122,14 @@ def run_learn(output: str | Path, work_uri: str | None = None, cfg: dict | None 
         report[name]["identity"] = identity_retrieval(out / "eval" / name, dirs["heldout"])
         t = lap(f"evaluate_{name}", t)
 
-    if "full" in weights:
+    if "full" in weights:  # the mini preset: the base + the full variant's adapter, where --preset mini looks
+        mini = out / "mini"
+        if mini.exists():
+            shutil.rmtree(mini)
+        storage.download_dir(weights["full"], mini) if storage.is_s3(weights["full"]) else \
+            shutil.copytree(weights["full"], mini)
+        _say(f"mini preset: {mini} (--preset mini finds it from the working directory, or set "
+             f"MOTIONCHARACTER_MINI)")
         grid = intensity_grid(weights["full"], sorted(dirs["heldout"].glob("*.png"))[0], out / "intensity_grid.gif",
                               overrides)
         _say(f"intensity grid: {grid}")
@@ -182,7 +194,7 @@ def intensity_grid(weights: str, portrait: Path, path: Path, overrides: list[str
     from motioncharacter.components.evaluate.settings import EvalConfig
     from motioncharacter.config import load
     from motioncharacter.model.inference import generate, load_pipeline
-    from motioncharacter.video import write_video
+    from motioncharacter.video import load_image, write_video
 
     g = load(EvalConfig, "evaluate.yaml", overrides=overrides).generation
     bank = load(EvalConfig, "evaluate.yaml", overrides=overrides).evalset.prompt_bank
@@ -206,4 +218,10 @@ def intensity_grid(weights: str, portrait: Path, path: Path, overrides: list[str
             cv2.putText(f, f"M={i}", (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
         tiles.append(big)
     grid = np.concatenate(tiles, axis=2)
+    from motioncharacter.video import contact_sheet
+
+    # the same videos as a still: one row per intensity (reference | frames), for the README
+    ref = load_image(portrait)
+    contact_sheet([[ref, *v] for v in videos], [f"intensity {i}" for i in GRID_INTENSITIES],
+                  cell=96).save(path.with_suffix(".png"))
     return write_video(grid, path, fps=4.0)

@@ -106,7 +106,7 @@ def test_reference_drawn_from_the_face_pool(manifest):
 
 
 @pytest.mark.parametrize("field,key,dropped", [("text_dropout", "caption", ""), ("image_dropout", "keep_image", 0.0),
-                                               ("clip_dropout", "keep_clip", 0.0)])
+                                               ("clip_dropout", "keep_clip", 0.0), ("cond_dropout", "keep_motion", 0.0)])
 def test_dropouts(manifest, field, key, dropped):
     i = _idx(manifest, still=False)
     always = [_ds(manifest, **{field: 1.0})[(s, 0, i)][key] for s in range(5)]
@@ -117,6 +117,17 @@ def test_dropouts(manifest, field, key, dropped):
         ds = _ds(manifest, clip_dropout=0.5, image_dropout=0.0)
         rate = np.mean([ds[(s, 0, i)]["keep_clip"] == 0.0 for s in range(200)])
         assert 0.4 < rate < 0.6
+
+
+def test_joint_condition_dropout_drops_every_condition_together(manifest):
+    """CFG's "no condition" sample: text, reference (ID), action and intensity all off at once."""
+    i = _idx(manifest, still=False)
+    ds = _ds(manifest, cond_dropout=1.0, text_dropout=0.0, image_dropout=0.0, clip_dropout=0.0)
+    item = ds[(0, 0, i)]
+    assert (item["caption"], item["keep_image"], item["keep_clip"], item["keep_motion"]) == ("", 0.0, 0.0, 0.0)
+    ds = _ds(manifest, cond_dropout=0.05)
+    rate = np.mean([ds[(s, 0, i)]["keep_motion"] == 0.0 for s in range(400)])
+    assert 0.02 < rate < 0.09
 
 
 def test_sampler_follows_weights_and_is_resumable():
@@ -211,7 +222,7 @@ def test_gradient_checkpointing_same_gradients_base_frozen(prep):
     for gc in (False, True):
         cfg = load(TrainConfig, "train.yaml", overrides=[
             "model.preset=tiny", "data.num_frames=4", f"model.gradient_checkpointing={gc}",
-            "data.image_dropout=0", "data.clip_dropout=0"])
+            "data.image_dropout=0", "data.clip_dropout=0", "data.cond_dropout=0"])
         parts = T.build_parts(cfg)
         mod = T.MCTrainModule(parts["unet"], parts["adapter"], True)
         with torch.no_grad():  # non-zero adapter so every branch carries gradient

@@ -8,7 +8,8 @@ downloaded, so the ``mini`` preset makes its own, small enough for 2 CPU cores:
    ``scaling_factor`` set so the latents have unit variance (as SD's 0.18215 was chosen);
 2. a UNet + AnimateDiff motion modules (``UNet2DConditionModel`` + ``MotionAdapter``, saved
    separately as real weights are), trained jointly as a text-to-video diffusion model
-   (epsilon prediction, min-SNR-5 weighting, 10 % empty captions for guidance, EMA weights)
+   (v-prediction, which samples far better than epsilon from a briefly trained model; min-SNR-5
+   weighting; 10 % empty captions for guidance; EMA weights)
    on the manifest's 8-frame clips with their captions.
 
 Text and image encoders are small random CLIP models (frozen, never trained: they only need to
@@ -40,14 +41,15 @@ from motioncharacter.model.loading import WEIGHTS_INFO  # generation defaults an
 class BaseSettings:
     resolution: int = 64
     num_frames: int = 8
-    vae_steps: int = 300
-    vae_batch: int = 16
+    vae_steps: int = 400
+    vae_batch: int = 8
     vae_lr: float = 1e-3
-    unet_steps: int = 1000
-    unet_batch: int = 8
-    unet_lr: float = 5e-4
+    kl_weight: float = 1e-4
+    unet_steps: int = 2000
+    unet_batch: int = 4
+    unet_lr: float = 1e-3
     warmup: int = 100
-    ema_decay: float = 0.995
+    ema_decay: float = 0.998
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     seed: int = 0
@@ -87,7 +89,7 @@ def build_mini(s: BaseSettings) -> dict:
                      vae=AutoencoderKL(**c["vae"]))
     for k in ("text_encoder", "tokenizer", "image_encoder", "feature_extractor"):
         parts[k] = tiny[k]
-    parts["scheduler"] = DDIMScheduler(**animatediff_scheduler_config())
+    parts["scheduler"] = DDIMScheduler(**animatediff_scheduler_config(), prediction_type="v_prediction")
     return parts
 
 
@@ -96,7 +98,7 @@ def build_mini(s: BaseSettings) -> dict:
 def load_clips(manifest_uri: str, s: BaseSettings) -> tuple[torch.Tensor, list[str]]:
     """Every kept clip's first ``num_frames`` frames at the training size, (N, F, 3, R, R) in [-1, 1],
     and its caption. Stills (one repeated frame) are included, as in image-video joint training."""
-    from .data import ManifestDataset, read_manifest, resize_crop
+    from .data import ManifestDataset, read_manifest
     from .settings import DataSettings
 
     m = read_manifest(manifest_uri)
@@ -105,7 +107,7 @@ def load_clips(manifest_uri: str, s: BaseSettings) -> tuple[torch.Tensor, list[s
     for rec in m.records:
         paths = list(rec["frames"])[: s.num_frames]
         paths += [paths[-1]] * (s.num_frames - len(paths))
-        frames = np.stack([resize_crop(reader._image(rec, p), s.resolution) for p in paths])
+        frames = np.stack([reader._frame(rec, p) for p in paths])
         clips.append(frames)
         captions.append(str(rec.get("caption") or ""))
     x = torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
@@ -127,7 +129,8 @@ def _lr_at(step: int, s: BaseSettings, base: float, total: int) -> float:
 
 
 def train_vae(vae, clips: torch.Tensor, s: BaseSettings, on_step=None) -> list[float]:
-    """Autoencoder training: L1 + MSE reconstruction + 1e-6 KL, random horizontal flips."""
+    """Autoencoder training: L1 + MSE reconstruction + a KL term (``kl_weight`` per latent element:
+    strong enough to keep the latent space smooth, which the diffusion model needs), random flips."""
     frames = clips.flatten(0, 1)
     g = torch.Generator().manual_seed(s.seed)
     opt = _adamw(vae.parameters(), s.vae_lr)
@@ -141,8 +144,8 @@ def train_vae(vae, clips: torch.Tensor, s: BaseSettings, on_step=None) -> list[f
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
-        kl = post.kl().mean() / x[0].numel()
-        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + 1e-6 * kl
+        kl = post.kl().mean() / post.mean[0].numel()
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + s.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -188,7 +191,7 @@ def train_unet(unet, text_emb: torch.Tensor, lat_mean: torch.Tensor, lat_std: to
     opt = _adamw(unet.parameters(), s.unet_lr)
     ac = scheduler.alphas_cumprod
     snr = ac / (1 - ac)
-    weight = torch.clamp(snr, max=s.min_snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
+    weight = torch.clamp(snr, max=s.min_snr_gamma) / (snr + 1)  # min-SNR-gamma for v-prediction
     unet.train()
     losses = []
     f = lat_mean.shape[2]
@@ -204,7 +207,7 @@ def train_unet(unet, text_emb: torch.Tensor, lat_mean: torch.Tensor, lat_std: to
         drop = torch.rand(s.unet_batch, generator=g) < s.caption_dropout
         txt = torch.where(drop[:, None, None], null.expand_as(txt), txt).repeat_interleave(f, 0)
         pred = unet(noisy, t, encoder_hidden_states=txt).sample
-        per = (pred - noise).pow(2).mean(dim=(1, 2, 3, 4))
+        per = (pred - scheduler.get_velocity(z, noise, t)).pow(2).mean(dim=(1, 2, 3, 4))
         loss = (per * weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -270,6 +273,7 @@ def train_base(manifest_uri: str, output: str, s: BaseSettings | None = None, *,
     local = Path(output) if not storage.is_s3(output) else Path(tempfile.mkdtemp(prefix="mc-base-"))
     save_weights(ema, parts, local, info)
     (local / "train_base_losses.json").write_text(json.dumps(history))
+    loss_plot(history, local / "train_base_losses.png")
     if storage.is_s3(output):
         storage.upload_dir(local, output)
     if track:
@@ -307,6 +311,26 @@ def save_weights(unet_motion, parts: dict, d: Path, info: dict) -> Path:
     return d
 
 
+def loss_plot(history: dict[str, list[float]], path: Path) -> Path:
+    """Both training curves (moving average over 20 steps) side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3), dpi=100)
+    for ax, (name, ys) in zip(axes, history.items()):
+        y = np.asarray(ys, float)
+        if len(y) >= 20:
+            y = np.convolve(y, np.ones(20) / 20, mode="valid")
+        ax.plot(y)
+        ax.set(title=f"{name} loss", xlabel="step", yscale="log")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 @torch.no_grad()
 def reconstruction_psnr(vae, clips: torch.Tensor, n: int = 64) -> float:
     """PSNR (dB, 8-bit scale) of VAE reconstructions (posterior mean) of up to ``n`` frames."""
@@ -329,3 +353,4 @@ def _log_run(s: BaseSettings, info: dict, local: Path) -> None:
                             "final_unet_loss": t["final_unet_loss"], "minutes": t["minutes"]})
         mlflow.log_artifact(str(local / WEIGHTS_INFO))
         mlflow.log_artifact(str(local / "train_base_losses.json"))
+        mlflow.log_artifact(str(local / "train_base_losses.png"))

@@ -24,6 +24,7 @@ from motioncharacter import storage
 from .settings import DataSettings
 
 log = logging.getLogger("motioncharacter.train")
+FRAME_CACHE_BYTES = 512 << 20  # decoded training frames kept in memory per dataset (worker)
 REF_SIZE = 224  # reference crops are fed to the CLIP image processor and the face models at this size
 
 
@@ -111,6 +112,8 @@ class ManifestDataset(Dataset):
         self.face_dim, self.arcface_pack = face_dim, arcface_pack
         self._embedder = None
         self._emb_cache: dict[str, np.ndarray] = {}
+        self._frames: dict[str, np.ndarray] = {}
+        self._frames_bytes = 0
 
     def __len__(self) -> int:
         return len(self.m.records)
@@ -132,6 +135,17 @@ class ManifestDataset(Dataset):
         if img is None:
             raise ValueError(f"clip {rec['clip']} of {self.m.uri}: {rel} is not a readable image")
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+    def _frame(self, rec: dict, rel: str) -> np.ndarray:
+        """A frame at the training size; kept in memory (up to FRAME_CACHE_BYTES) because every
+        epoch decodes the same JPEGs again, which at small sizes costs more than the step."""
+        hit = self._frames.get(rel)
+        if hit is None:
+            hit = resize_crop(self._image(rec, rel), self.res)
+            if self._frames_bytes + hit.nbytes <= FRAME_CACHE_BYTES:
+                self._frames[rel] = hit
+                self._frames_bytes += hit.nbytes
+        return hit
 
     def _masks(self, rec: dict) -> np.ndarray:
         with np.load(io.BytesIO(self._bytes(rec, rec["masks"]))) as z:
@@ -169,7 +183,7 @@ class ManifestDataset(Dataset):
         cache: dict[str, np.ndarray] = {}  # stills repeat one path: read it once
         for i in sel:
             if paths[i] not in cache:
-                cache[paths[i]] = resize_crop(self._image(rec, paths[i]), self.res)
+                cache[paths[i]] = self._frame(rec, paths[i])
         frames = np.stack([cache[paths[i]] for i in sel])
         masks = self._masks(rec)
         masks = np.stack([resize_crop(masks[min(i, len(masks) - 1)], self.res) for i in sel])

@@ -214,14 +214,19 @@ def compute_loss(engine, parts: dict, fmodel: nn.Module, batch: dict, cfg: Train
     pred = engine(noisy, t, text, clip, batch["face_emb"].to(device, dtype), action,
                   batch["intensity"].to(device, dtype), keep, has_action * keep_motion, keep_motion)
     masks = batch["masks"] if cfg.loss.region_aware else None
-    l_r = region_aware_loss(pred, noise, masks)
+    v_pred = sched.config.prediction_type == "v_prediction"  # the mini base is a v-prediction model
+    l_r = region_aware_loss(pred, sched.get_velocity(latents, noise, t) if v_pred else noise, masks)
     l_id = torch.zeros((), device=device)
     sel = keep > 0
     if cfg.loss.id_loss and bool(sel.any()):
         ref = batch["ref"].to(device)[sel].permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0
         with torch.no_grad():
             ref_emb = fmodel(ref)
-        l_id = id_consistency_from_prediction(noisy[sel], pred[sel], t[sel], sched.alphas_cumprod, vae, fmodel,
+        eps = pred[sel]
+        if v_pred:  # eps = sqrt(a) v + sqrt(1 - a) x_t
+            a = sched.alphas_cumprod.to(device)[t[sel]].to(dtype).view(-1, 1, 1, 1, 1)
+            eps = a.sqrt() * eps + (1 - a).sqrt() * noisy[sel]
+        l_id = id_consistency_from_prediction(noisy[sel], eps, t[sel], sched.alphas_cumprod, vae, fmodel,
                                               ref_emb, frame_stride=cfg.loss.id_frame_stride)
     beta = cfg.loss.beta if cfg.loss.id_loss else 0.0
     total = total_loss(l_r, l_id, beta)
