@@ -22,7 +22,7 @@ def no_services(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_demo_learn_fast_runs_every_stage(no_services, capsys):
+def test_demo_learn_fast_runs_every_stage(no_services, capsys, monkeypatch):
     from motioncharacter.cli import main
     from motioncharacter.learn import GRID_INTENSITIES, load_learn_config
 
@@ -31,6 +31,7 @@ def test_demo_learn_fast_runs_every_stage(no_services, capsys):
     cfg.update(fixtures={"clips_per_identity": 2, "real_clips": False}, base={"vae_steps": 3, "unet_steps": 3},
                adapter_steps=2)
     cfg["evaluate"] = cfg["evaluate"] + ["evalset.prompts_per_image=2", "generation.steps=2"]
+    cfg["train"] = cfg["train"] + ["optim.warmup_steps=0"]  # so 2 steps move the weights
     (tmp / "fast.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["demo", "--learn", "--no-stack", "--output", "out", "--learn-config", "fast.yaml"]) == 0
     assert "intensity_spearman" in capsys.readouterr().out
@@ -59,18 +60,36 @@ def test_demo_learn_fast_runs_every_stage(no_services, capsys):
 
     # the trained mini model is a normal weights folder: base + the full variant's adapter
     from motioncharacter.model.inference import load_pipeline
-    from motioncharacter.video import open_video
-
     pipe = load_pipeline(weights=report["weights"]["full"])
     assert pipe.defaults == {"frames": 8, "height": 64, "width": 64, "steps": 25}
-    grid = open_video(out / "intensity_grid.gif")
-    assert len(grid) == 8 and grid[0].shape[1] == len(GRID_INTENSITIES) * 128  # 5 tiles side by side
+    from PIL import Image
+
+    with Image.open(out / "intensity_grid.gif") as grid:  # 5 tiles of 128 px side by side, 8 frames
+        assert grid.size == (len(GRID_INTENSITIES) * 128, 128) and grid.n_frames == 8
     # the ablation trained no motion branch: its out-projections are still exactly zero
     ablated = load_pipeline(weights=report["weights"]["no_motion_control"]).adapter
     assert all(float(layer.out_motion.weight.abs().max()) == 0 for layer in ablated.mc_layers.values())
     assert any(float(layer.out_motion.weight.abs().max()) > 0 for layer in pipe.adapter.mc_layers.values())
     # --preset mini finds the trained model where demo --learn left it
     assert (out / "mini" / "motioncharacter.json").is_file()
+    monkeypatch.setenv("MOTIONCHARACTER_MINI", str(out / "mini"))
+    mini = load_pipeline(preset="mini")
+    assert mini.defaults["steps"] == 25 and mini.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_preset_mini_says_how_to_get_it(no_services, capsys):
+    from PIL import Image
+
+    from motioncharacter.cli import main
+    from motioncharacter.fixtures import package_face
+    from motioncharacter.model.inference import load_pipeline
+
+    with pytest.raises(FileNotFoundError, match="demo --learn"):
+        load_pipeline(preset="mini")
+    Image.fromarray(package_face()).save(no_services / "face.png")
+    assert main(["generate", "--preset", "mini", "--image", "face.png", "--prompt", "a person",
+                 "--out", "o.mp4"]) == 1
+    assert "demo --learn" in capsys.readouterr().err
 
 
 def _clips(n=6, f=8, seed=0):
