@@ -45,7 +45,7 @@ class BaseSettings:
     vae_batch: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4
-    unet_steps: int = 2000
+    unet_steps: int = 1800
     unet_batch: int = 4
     unet_lr: float = 1e-3
     warmup: int = 100
