@@ -200,18 +200,17 @@ class MotionCharacterAttnProcessor:
                       and _any_on(c.motion_keep))
         if use_action or use_motion:
             q2 = layer.to_q_motion(hidden_states)
-            z2 = 0
-            on = 0
+            z2, keeps = 0, []
             if use_action:
                 z2 = _per_frame(c.action_keep, _per_sample_attention(
                     q2, c.action_tokens.to(q2.dtype), layer.to_k_action, layer.to_v_action, attn.heads))
-                on = _keep_or(c.action_keep, c.action_tokens.shape[0], q2.device)
+                keeps.append(_keep_or(c.action_keep, c.action_tokens.shape[0], q2.device))
             if use_motion:
                 z2 = z2 + c.motion_scale * _per_frame(c.motion_keep, _per_sample_attention(
                     q2, c.motion_tokens.to(q2.dtype), layer.to_k_motion, layer.to_v_motion, attn.heads))
-                on = torch.maximum(torch.as_tensor(on, device=q2.device, dtype=torch.float32),
-                                   _keep_or(c.motion_keep, c.motion_tokens.shape[0], q2.device))
-            hidden_states = hidden_states + _per_frame((on != 0).float(), layer.out_motion(z2))
+                keeps.append(_keep_or(c.motion_keep, c.motion_tokens.shape[0], q2.device))
+            on = (torch.stack(keeps).amax(0) != 0).float()  # either branch on for that sample
+            hidden_states = hidden_states + _per_frame(on, layer.out_motion(z2))
 
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)

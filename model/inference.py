@@ -64,7 +64,6 @@ def load_pipeline(weights: str | None = None, preset: str | None = None, device:
                          steps=TINY["steps"] if small else 25)
     info = parts.get("info") or {}
     pipe.defaults.update({k: v for k, v in (info.get("defaults") or {}).items() if k in pipe.defaults})
-    pipe.guidance_default = float((info.get("defaults") or {}).get("guidance", 8.0))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

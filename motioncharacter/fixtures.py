@@ -59,10 +59,14 @@ def _face_layer(name: str, face_px: int = 220) -> tuple[np.ndarray, np.ndarray]:
 
     img = package_face(name)
     face = detector().one(img, name)
-    patch = crop(img, face, margin=0.25, size=face_px)
-    alpha = np.zeros((face_px, face_px), np.float32)
-    cv2.ellipse(alpha, (face_px // 2, face_px // 2), (int(face_px * 0.42), int(face_px * 0.5)), 0, 0, 360, 1.0, -1)
-    return patch, cv2.GaussianBlur(alpha, (0, 0), 3)[..., None]
+    return crop(img, face, margin=0.25, size=face_px), _soft_ellipse(face_px)
+
+
+def _soft_ellipse(h: int) -> np.ndarray:
+    """(h, h, 1) alpha: an upright ellipse filling the patch, with a soft edge."""
+    alpha = np.zeros((h, h), np.float32)
+    cv2.ellipse(alpha, (h // 2, h // 2), (int(h * 0.42), int(h * 0.5)), 0, 0, 360, 1.0, -1)
+    return cv2.GaussianBlur(alpha, (0, 0), 3)[..., None]
 
 
 def circle_positions(v: float, n: int = NUM_FRAMES, radius: float = RADIUS) -> np.ndarray:
@@ -187,9 +191,7 @@ def linear_clip(v: float, face: np.ndarray, angle: float, background: np.ndarray
     """(n, 512, 512, 3): the face patch moving ``v`` px per 4-fps step (v/2 per 8-fps source
     frame) along ``angle`` (radians), passing the centre (+ offset) at the middle frame."""
     h = face.shape[0]
-    alpha = np.zeros((h, h), np.float32)
-    cv2.ellipse(alpha, (h // 2, h // 2), (int(h * 0.42), int(h * 0.5)), 0, 0, 360, 1.0, -1)
-    alpha = cv2.GaussianBlur(alpha, (0, 0), 3)[..., None]
+    alpha = _soft_ellipse(h)
     d = np.array([math.cos(angle), math.sin(angle)]) * v * SAMPLE_FPS / SRC_FPS
     frames = []
     for k in range(n):

@@ -196,12 +196,12 @@ def intensity_grid(weights: str, portrait: Path, path: Path, overrides: list[str
     from motioncharacter.model.inference import generate, load_pipeline
     from motioncharacter.video import load_image, write_video
 
-    g = load(EvalConfig, "evaluate.yaml", overrides=overrides).generation
-    bank = load(EvalConfig, "evaluate.yaml", overrides=overrides).evalset.prompt_bank
     from motioncharacter.components.evaluate.evalset import load_prompt_bank
 
-    prompt = load_prompt_bank(bank)[1][0]
-    action = (load(EvalConfig, "evaluate.yaml", overrides=overrides).evalset.actions or [""])[0]
+    ecfg = load(EvalConfig, "evaluate.yaml", overrides=overrides)
+    g = ecfg.generation
+    prompt = load_prompt_bank(ecfg.evalset.prompt_bank)[1][0]
+    action = (ecfg.evalset.actions or [""])[0]
     pipe = load_pipeline(weights=weights)
     d = pipe.defaults
     videos = [generate(pipe, image=str(portrait), prompt=prompt, action=action, intensity=float(i), seed=0,

@@ -407,3 +407,20 @@ def test_weights_and_adapter_through_s3(stack, hopper, tmp_path):
 
 def test_pipeline_defaults_follow_the_weights(pipe):
     assert pipe.defaults == {"frames": 8, "height": 64, "width": 64, "steps": 4}
+
+
+def test_training_module_with_every_condition_dropped_is_the_base(parts, inputs, stock_out):
+    """MCTrainModule (what DeepSpeed trains) wires the joint-dropout masks through: a sample with
+    keep_image = keep_action = keep_motion = 0 gets exactly the frozen base's prediction."""
+    from motioncharacter.components.train.trainer import MCTrainModule
+
+    ad = _randomize(MotionCharacterAdapter.for_unet(parts["unet"], clip_image_dim=32, face_dim=128))
+    mod = MCTrainModule(copy.deepcopy(parts["unet"]), ad, motion_control=True)
+    args = (inputs["sample"], inputs["t"], inputs["text"], inputs["clip"], inputs["face"], inputs["action"],
+            torch.tensor([14.0]))
+    z, one = torch.zeros(1), torch.ones(1)
+    with torch.no_grad():
+        off = mod(*args, z, z, z)
+        on = mod(*args, one, one, one)
+    assert torch.allclose(off, stock_out, atol=1e-5)
+    assert not torch.allclose(on, stock_out, atol=1e-3)

@@ -240,7 +240,6 @@ def train_base(manifest_uri: str, output: str, s: BaseSettings | None = None, *,
     clips, captions = load_clips(manifest_uri, s)
     parts = build_mini(s)
     bar = tqdm(total=s.vae_steps + s.unet_steps, desc="train-base", unit="step", disable=not progress)
-    history: dict[str, list] = {"vae": [], "unet": []}
 
     def on_step(stage, step, loss):
         bar.update(1)
@@ -258,7 +257,7 @@ def train_base(manifest_uri: str, output: str, s: BaseSettings | None = None, *,
     unet = motion_unet(parts["unet"], parts["motion_adapter"])
     ema, unet_losses = train_unet(unet, text_emb, lat_mean, lat_std, parts["scheduler"], s, on_step)
     bar.close()
-    history.update(vae=vae_losses, unet=unet_losses)
+    history = {"vae": vae_losses, "unet": unet_losses}
     minutes = (time.perf_counter() - t0) / 60
 
     from .data import read_manifest
@@ -293,12 +292,9 @@ def save_weights(unet_motion, parts: dict, d: Path, info: dict) -> Path:
     if missing:
         raise RuntimeError(f"mini UNet export lost weights: {missing[:3]}")
     adapter = MotionAdapter.from_config(parts["motion_adapter"].config)
-    ma_sd = {}
-    for k, v in sd.items():
-        if "motion_modules" in k:
-            # down_blocks.i.motion_modules.j.* / up_blocks.i.motion_modules.j.* -> same names in MotionAdapter
-            ma_sd[k] = v
-    missing, unexpected = adapter.load_state_dict(ma_sd, strict=False)
+    # {down,up}_blocks.i.motion_modules.j.* have the same names in MotionAdapter
+    missing, unexpected = adapter.load_state_dict({k: v for k, v in sd.items() if "motion_modules" in k},
+                                                  strict=False)
     if missing or unexpected:
         raise RuntimeError(f"mini motion-module export does not match MotionAdapter: {(missing or unexpected)[:3]}")
     unet2d.save_pretrained(d / "unet", safe_serialization=True)
