@@ -5,6 +5,7 @@ to reconstruct, and the trained UNet + motion modules survive the split into the
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -18,7 +19,16 @@ def no_services(tmp_path, monkeypatch):
     monkeypatch.setenv("MOTIONCHARACTER_STATE_DIR", str(tmp_path / "no-stack"))
     for var in ("MLFLOW_TRACKING_URI", "MOTIONCHARACTER_S3_ENDPOINT", "MOTIONCHARACTER_MINI"):
         monkeypatch.delenv(var, raising=False)
-    return tmp_path
+    # in-process training sets RANK/MASTER_PORT (and keeps that port bound); later tests' training
+    # subprocesses must not inherit them, or they collide on the port (EADDRINUSE)
+    dist_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in dist_vars}
+    yield tmp_path
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.mark.slow
