@@ -10,7 +10,22 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads spinning slowed tiny runs 10x on 2 shared cores
 
+import tempfile
+
 import pytest
+
+# Nothing the user has running or lying in the folder reaches a test: a stack left up by
+# `motioncharacter demo` (./.motioncharacter), its exported endpoints and credentials, a tracking
+# server, a trained mini model. Tests that need services get the session's own `stack`.
+USER_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MOTIONCHARACTER_S3_ENDPOINT", "MOTIONCHARACTER_BUCKET",
+            "MOTIONCHARACTER_MINI", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+for _var in USER_ENV:
+    os.environ.pop(_var, None)
+_session_dir = tempfile.mkdtemp(prefix="mc-test-")
+os.environ["MOTIONCHARACTER_STATE_DIR"] = os.path.join(_session_dir, "stack")
+# the embedded default store would be ./mlflow.db in the working directory: the session's own instead
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{os.path.join(_session_dir, 'mlflow.db')}"
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +53,11 @@ def stack(stack_services, monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     assert os.environ["MOTIONCHARACTER_S3_ENDPOINT"] == stack_services.s3_endpoint
+    # mlflow.set_tracking_uri is process-global and wins over MLFLOW_TRACKING_URI: an earlier
+    # in-process run (e.g. demo --learn's embedded sqlite) must not be what this test's client reads
+    import mlflow
+
+    mlflow.set_tracking_uri(stack_services.mlflow_uri)
     yield stack_services
 
 
