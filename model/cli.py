@@ -27,8 +27,8 @@ def add_commands(sub) -> None:
                    help="motion intensity in [0, 20] (mean foreground optical flow; 0 = still)")
     p.add_argument("--out", required=True, metavar="FILE", help="output video, .mp4 or .gif")
     p.add_argument("--negative-prompt", default="", metavar="TEXT", help="what to keep out of the video")
-    p.add_argument("--frames", type=int, help="number of frames (default: 16; 8 for tiny models)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 25; 4 for tiny models)")
+    p.add_argument("--frames", type=int, help="number of frames (default: the model's own, from its weights or the server: 16 for SD1.5, 8 for tiny/mini)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's own: 25 for SD1.5, 4 for tiny)")
     p.add_argument("--guidance", type=float, default=8.0, help="classifier-free guidance scale (> 1 enables it)")
     p.add_argument("--height", type=int, help="frame height in pixels (default: the model's native size, 512 for SD1.5, 64 for tiny)")
     p.add_argument("--width", type=int, help="frame width in pixels (default: the model's native size, 512 for SD1.5, 64 for tiny)")
@@ -75,12 +75,15 @@ def run_generate(args) -> int:
         feature_cli.precheck(args, args.frames)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if args.url:  # the server holds the weights; sizes default to generate()'s
-        pipe, d = None, {"steps": 25, "frames": 16, "height": 512, "width": 512}
+    if args.url:  # the server holds the weights, and advertises the sizes that suit them
+        from motioncharacter.serving.client import MotionCharacterClient
+
         deploy_time = [k for k, v in feature_cli.load_kwargs(args).items() if v]
         if deploy_time:
             raise UserError(f"--url: {', '.join(deploy_time)} are chosen when the server is deployed "
                             "(`motioncharacter deploy --base-checkpoint`, ControlNets in the weights folder)")
+        with MotionCharacterClient(args.url) as client:
+            pipe, d = None, {"steps": 25, "frames": 16, "height": 512, "width": 512, **client.defaults()}
         generate = _remote_generate(args.url)
     else:
         pipe = load_pipeline(weights=args.weights, preset=args.preset, device=args.device,

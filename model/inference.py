@@ -55,18 +55,55 @@ def load_pipeline(weights: str | None = None, preset: str | None = None, device:
                 parts["unet"], clip_image_dim=parts["image_encoder"].config.projection_dim, face_dim=face_dim)
     pipe = MotionCharacterPipeline(**{k: v for k, v in parts.items() if k != "info"})
     pipe.face_embedder = face
-    # sizes that suit the weights (diffusers' rule: UNet sample size x VAE factor); a model that
-    # small (the tiny preset, or tiny weights saved to a folder) gets smoke-test frames/steps too;
-    # a folder's motioncharacter.json (the trained mini base writes one) says what it was trained for
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    small = native <= TINY["height"]
-    pipe.defaults = dict(frames=TINY["frames"] if small else 16, height=native, width=native,
-                         steps=TINY["steps"] if small else 25)
-    info = parts.get("info") or {}
-    pipe.defaults.update({k: v for k, v in (info.get("defaults") or {}).items() if k in pipe.defaults})
+    pipe.defaults = native_defaults(pipe.unet.config.sample_size, pipe.vae_scale_factor, parts.get("info"))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def native_defaults(unet_sample_size: int, vae_scale_factor: int, info: dict | None = None) -> dict:
+    """Generation sizes that suit the weights: diffusers' rule (UNet sample size x VAE factor); a model
+    that small (the tiny preset, or tiny weights saved to a folder) gets smoke-test frames/steps too;
+    a folder's motioncharacter.json (the trained mini base writes one) says what it was trained for."""
+    from .presets import TINY
+
+    native = int(unet_sample_size) * int(vae_scale_factor)
+    small = native <= TINY["height"]
+    d = dict(frames=TINY["frames"] if small else 16, height=native, width=native,
+             steps=TINY["steps"] if small else 25)
+    d.update({k: int(v) for k, v in ((info or {}).get("defaults") or {}).items() if k in d})
+    return d
+
+
+def weights_defaults(weights: str | None = None, preset: str | None = None) -> dict:
+    """``native_defaults`` of a weights folder / s3:// prefix or a preset, from its config files only
+    (no model is loaded): what `deploy` records for the server to advertise."""
+    import json
+
+    from motioncharacter import storage
+
+    from .loading import WEIGHTS_INFO
+    from .presets import PRESETS, TINY
+
+    if preset == "mini":
+        from .presets import mini_weights
+
+        weights, preset = mini_weights(), None
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        return {k: TINY[k] for k in ("frames", "height", "width", "steps")}
+
+    def read(rel: str) -> dict | None:
+        uri = storage.join(weights, rel)
+        return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+    unet, vae = read("unet/config.json"), read("vae/config.json")
+    if unet is None or vae is None:
+        raise FileNotFoundError(f"{weights} is not a MotionCharacter weights folder: unet/config.json and "
+                                "vae/config.json are needed to know its native size")
+    factor = 2 ** (len(vae.get("block_out_channels", [1, 1, 1, 1])) - 1)  # as the pipeline computes it
+    return native_defaults(unet.get("sample_size", 64), factor, read(WEIGHTS_INFO))
 
 
 def _motion(parts: dict):

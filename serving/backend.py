@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 
 from .pipeline import inference_api
 from .repository import resolve_weights
-from .request_args import Limits, parse
+from .request_args import Limits, model_defaults, parse
 
 
 class _Stop(Exception):
@@ -41,6 +41,7 @@ class TritonPythonModel:
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
         self.batched = self.config.get("max_batch_size", 0) > 0
         self.limits = Limits.from_parameters(params)
+        self.defaults = model_defaults(params)
         self.fps = float(params.get("fps", "8"))
         self.time_limit = float(params.get("request_timeout_s", "600"))
         # args["model_repository"] is this model's folder; relative weights live beside it.
@@ -60,6 +61,7 @@ class TritonPythonModel:
             base = str(local_copy(base))
         self.pipe = self.api.load_pipeline(weights=weights, preset=params.get("preset") or None, device=device,
                                            arcface_pack=params.get("arcface_pack") or None, base_checkpoint=base)
+        self.defaults = {**self.pipe.defaults, **self.defaults}  # a repository written before deploy recorded them
         pb_utils.Logger.log_info(f"{self.name}: pipeline loaded on {device} "
                                  f"(weights={weights or '-'}, preset={params.get('preset') or '-'})")
 
@@ -86,7 +88,7 @@ class TritonPythonModel:
             t = pb_utils.get_input_tensor_by_name(request, name)
             return None if t is None else t.as_numpy()
 
-        kw = parse(get, self.limits)
+        kw = parse(get, self.limits, self.defaults)
         t0 = time.monotonic()
 
         def progress(step: int, total: int) -> None:

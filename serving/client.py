@@ -22,7 +22,7 @@ import numpy as np
 
 from ..cli import UserError
 from .repository import MODEL, STREAM_MODEL
-from .request_args import INPUTS, LIST_INPUTS
+from .request_args import INPUTS, LIST_INPUTS, model_defaults
 
 
 class RemoteError(ValueError):
@@ -155,11 +155,21 @@ class MotionCharacterClient:
 
     def _is_batched(self, model: str) -> bool:
         if model not in self._batched:
-            cfg = self._retry(f"reading {model}'s config", lambda: self.client.get_model_config(model, **self._kw()))
-            cfg = cfg.config if hasattr(cfg, "config") else cfg  # gRPC wraps it in a response message
-            mbs = cfg.max_batch_size if hasattr(cfg, "max_batch_size") else cfg.get("max_batch_size", 0)
-            self._batched[model] = int(mbs) > 0
+            self._batched[model] = int(self._config(model).get("max_batch_size", 0)) > 0
         return self._batched[model]
+
+    def _config(self, model: str) -> dict:
+        cfg = self._retry(f"reading {model}'s config", lambda: self.client.get_model_config(model, **self._kw()))
+        if hasattr(cfg, "config"):  # gRPC wraps a protobuf message
+            from google.protobuf.json_format import MessageToDict
+
+            return MessageToDict(cfg.config, preserving_proto_field_name=True)
+        return cfg
+
+    def defaults(self, model: str | None = None) -> dict[str, int]:
+        """The served model's native frames/height/width/steps (what a request without them gets)."""
+        params = {k: v.get("string_value", "") for k, v in self._config(model or self.model).get("parameters", {}).items()}
+        return model_defaults(params)
 
     def _inputs(self, model: str, image, prompt: str, params: dict) -> list:
         m = self._module()
@@ -264,13 +274,15 @@ class MotionCharacterClient:
 
 
 def generate_remote(url: str, *, image, prompt: str, negative_prompt: str = "", action: str = "",
-                    intensity: float = 10.0, id_scale: float = 1.0, motion_scale: float = 1.0, steps: int = 25,
-                    guidance: float = 8.0, frames: int = 16, height: int = 512, width: int = 512, seed: int = 0,
+                    intensity: float = 10.0, id_scale: float = 1.0, motion_scale: float = 1.0,
+                    steps: int | None = None, guidance: float = 8.0, frames: int | None = None,
+                    height: int | None = None, width: int | None = None, seed: int = 0,
                     face_index: int | None = None, progress: Callable[[int, int], None] | None = None,
                     timeout_s: float = 600.0, retries: int = 3) -> np.ndarray:
     """Same arguments and result as ``motioncharacter.model.inference.generate``, run on a Triton server.
 
     Over gRPC with ``progress`` the streaming model reports each step; otherwise one plain request.
+    Sizes and steps left as None are the served model's own (its native size, see ``defaults``).
     """
     params = dict(negative_prompt=negative_prompt, action=action, intensity=intensity, id_scale=id_scale,
                   motion_scale=motion_scale, steps=steps, guidance=guidance, frames=frames, height=height,

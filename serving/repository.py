@@ -117,11 +117,15 @@ def config_pbtxt(name: str, opts: DeployOptions, parameters: dict[str, str], dec
 def export_repository(dest: str, opts: DeployOptions) -> str:
     """Write the model repository to ``dest`` (local folder or s3:// prefix); returns ``dest``."""
     opts.check()
-    params = {"preset": opts.preset or "", "arcface_pack": opts.arcface_pack or "",
-              "base_checkpoint": opts.base_checkpoint or "",
-              "fps": str(opts.fps), "request_timeout_s": str(opts.request_timeout_s), **opts.limits.as_parameters()}
+    from ..model.inference import weights_defaults
+
     if opts.weights and not storage.is_s3(opts.weights) and not Path(opts.weights).exists():
         raise FileNotFoundError(f"--weights {opts.weights} does not exist")
+    # the model's native size and default frames/steps: clients that send none get these
+    native = {f"default_{k}": str(v) for k, v in weights_defaults(opts.weights, opts.preset).items()}
+    params = {"preset": opts.preset or "", "arcface_pack": opts.arcface_pack or "", **native,
+              "base_checkpoint": opts.base_checkpoint or "",
+              "fps": str(opts.fps), "request_timeout_s": str(opts.request_timeout_s), **opts.limits.as_parameters()}
 
     tmp = None
     root = Path(dest) if not storage.is_s3(dest) else Path(tmp := tempfile.mkdtemp(prefix="mc-repo-"))

@@ -105,15 +105,25 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def parse(get: Callable[[str], np.ndarray | None], limits: Limits) -> dict:
-    """Keyword arguments for ``generate(pipe, **kw)`` from a getter of input arrays (None = absent)."""
+SIZE_INPUTS = ("frames", "height", "width", "steps")  # absent: the served model's own defaults
+
+
+def model_defaults(params: dict[str, str]) -> dict[str, int]:
+    """The served model's generation defaults (config.pbtxt parameters ``default_*``, set by deploy)."""
+    return {k: int(params[f"default_{k}"]) for k in SIZE_INPUTS if params.get(f"default_{k}")}
+
+
+def parse(get: Callable[[str], np.ndarray | None], limits: Limits, defaults: dict | None = None) -> dict:
+    """Keyword arguments for ``generate(pipe, **kw)`` from a getter of input arrays (None = absent).
+
+    ``defaults`` (the served model's native frames/height/width/steps) fill absent size inputs."""
     raw = {}
     for name, (_, dtype, optional, default) in INPUTS.items():
         value = get(name)
         if value is None:
             if not optional:
                 raise ValueError(f"required input '{name}' is missing")
-            raw[name] = default
+            raw[name] = (defaults or {}).get(name, default)
             continue
         value = np.asarray(value)
         if name in LIST_INPUTS:

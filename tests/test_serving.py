@@ -61,6 +61,30 @@ def test_generate_remote_has_generate_signature(triton, expected):
     assert_same_video(generate_remote(triton.http_url, image=face_image(), prompt=PROMPT, **TINY), expected)
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_model_advertises_its_native_size(triton, protocol):
+    """deploy records the tiny model's own sizes; a request without them gets those, not 512x512x16."""
+    url = triton.http_url if protocol == "http" else triton.grpc_url
+    with MotionCharacterClient(url, timeout_s=120) as c:
+        assert c.defaults() == {"frames": 8, "height": 64, "width": 64, "steps": 4}
+    frames = generate_remote(url, image=face_image(), prompt=PROMPT, seed=7, timeout_s=120)
+    assert frames.shape == (8, 64, 64, 3)
+
+
+def test_cli_generate_url_uses_served_sizes(triton, tmp_path, capsys):
+    from motioncharacter.cli import main
+
+    img = tmp_path / "face.png"
+    from PIL import Image
+
+    Image.fromarray(face_image()).save(img)
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--url", triton.http_url, "--image", str(img), "--prompt", PROMPT,
+                 "--out", str(out)]) == 0
+    assert decode_mp4(out.read_bytes()).shape == (8, 64, 64, 3)
+    assert "8 frames, 64x64" in capsys.readouterr().out
+
+
 def test_stream_progress_then_video(triton, expected):
     with MotionCharacterClient(triton.grpc_url, timeout_s=120) as c:
         events = list(c.stream(face_image(), PROMPT, **TINY))

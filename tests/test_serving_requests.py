@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from motioncharacter.serving.repository import DeployOptions, config_pbtxt, export_repository, resolve_weights
-from motioncharacter.serving.request_args import INPUTS, Limits, parse
+from motioncharacter.serving.request_args import INPUTS, Limits, model_defaults, parse
 
 LIMITS = Limits(max_frames=8, max_resolution=128, max_steps=10, max_prompt_chars=20)
 
@@ -107,23 +107,30 @@ def test_deploy_options_are_checked(opts, message):
         DeployOptions(**opts).check()
 
 
+def weights_configs(folder):
+    """Just the config files deploy reads (native size: 8 x 2**3 = 64 px)."""
+    for part, cfg in (("unet", '{"sample_size": 8}'), ("vae", '{"block_out_channels": [8, 8, 8, 8]}')):
+        (folder / part).mkdir(parents=True)
+        (folder / part / "config.json").write_text(cfg)
+    return folder
+
+
 def test_export_copies_weights_and_references_them_relatively(tmp_path):
-    weights = tmp_path / "weights"
-    (weights / "unet").mkdir(parents=True)
-    (weights / "unet" / "config.json").write_text("{}")
+    weights = weights_configs(tmp_path / "weights")
     repo = tmp_path / "repo"
     export_repository(str(repo), DeployOptions(weights=str(weights), copy_weights=True, version=3))
     for model in ("motioncharacter", "motioncharacter_stream"):
         assert (repo / model / "3" / "model.py").read_text().strip().endswith("import TritonPythonModel  # noqa: F401")
         cfg = (repo / model / "config.pbtxt").read_text()
         assert 'key: "weights" value: { string_value: "motioncharacter/weights" }' in cfg
-    assert (repo / "motioncharacter" / "weights" / "unet" / "config.json").read_text() == "{}"
+    assert (repo / "motioncharacter" / "weights" / "unet" / "config.json").read_text() == '{"sample_size": 8}'
+    assert 'key: "default_height" value: { string_value: "64" }' in cfg
     assert resolve_weights("motioncharacter/weights", repo) == str(repo / "motioncharacter" / "weights")
     assert resolve_weights("s3://b/w", repo) == "s3://b/w" and resolve_weights("", repo) is None
 
 
 def test_export_references_weights_by_absolute_uri(tmp_path):
-    (tmp_path / "w").mkdir()
+    weights_configs(tmp_path / "w")
     export_repository(str(tmp_path / "repo"), DeployOptions(weights=str(tmp_path / "w")))
     cfg = (tmp_path / "repo" / "motioncharacter" / "config.pbtxt").read_text()
     assert f'string_value: "{tmp_path / "w"}"' in cfg
@@ -156,3 +163,31 @@ def test_client_refuses_unknown_arguments_and_bad_urls():
         next(MotionCharacterClient("http://127.0.0.1:1").stream(IMAGE, "a"))
     with pytest.raises(ValueError, match="unknown generation argument.*: stepz"):
         MotionCharacterClient("http://127.0.0.1:1").generate(IMAGE, "a", stepz=3)
+
+
+def test_absent_sizes_take_the_served_models_defaults():
+    served = {"frames": 8, "height": 64, "width": 64, "steps": 4}
+    kw = parse(request(image=IMAGE, prompt="a man"), LIMITS, served)
+    assert {k: kw[k] for k in served} == served
+    # what the client sends wins; without server defaults, generate()'s own
+    assert parse(request(image=IMAGE, prompt="a", frames=2, height=32, width=32, steps=1), LIMITS,
+                 served)["frames"] == 2
+    assert model_defaults({"default_frames": "8", "default_height": "64", "fps": "8"}) == {"frames": 8, "height": 64}
+
+
+def test_deploy_records_native_sizes_from_config_files(tmp_path):
+    """A weights folder's sizes come from unet/vae configs and motioncharacter.json, loading no model."""
+    import json
+
+    from motioncharacter.model.inference import weights_defaults
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"sample_size": 64}))
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+    assert weights_defaults(str(tmp_path)) == {"frames": 16, "height": 512, "width": 512, "steps": 25}  # SD1.5
+    (tmp_path / "motioncharacter.json").write_text(json.dumps({"defaults": {"frames": 8, "steps": 30}}))
+    assert weights_defaults(str(tmp_path)) == {"frames": 8, "height": 512, "width": 512, "steps": 30}
+    assert weights_defaults(preset="tiny") == {"frames": 8, "height": 64, "width": 64, "steps": 4}
+    with pytest.raises(FileNotFoundError, match="native size"):
+        weights_defaults(str(tmp_path / "unet"))
