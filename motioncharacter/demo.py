@@ -72,8 +72,16 @@ def _demo(args) -> int:
         params.update(work_uri=f"s3://{stack.bucket}/demo", model_repository=f"s3://{stack.bucket}/demo/model_repository")
     else:
         params.update(work_uri=str(work / "pipeline"), model_repository=str(work / "model_repository"))
-    print("[pipeline] prepare -> train -> evaluate -> deploy -> Triton smoke test (kfp.local)")
-    result = run_local(params, str(work / "kfp"))
+    from motioncharacter.cli import UserError
+    from motioncharacter.pipelines.run import StepFailed
+
+    logs = work / "logs"
+    print("[pipeline] prepare -> train -> evaluate -> deploy -> Triton smoke test (kfp.local); "
+          f"step logs: {logs}/")
+    try:
+        result = run_local(params, str(work / "kfp"), log_dir=str(logs))
+    except StepFailed as e:
+        raise UserError(str(e)) from None
     print(json.dumps(result["params"], indent=1))
     smoke = f"{params['work_uri']}/smoke/smoke.mp4"
     from motioncharacter import storage

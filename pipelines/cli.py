@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 
 def add_commands(sub) -> None:
@@ -19,7 +21,10 @@ def add_commands(sub) -> None:
 
     r = ps.add_parser("run", help="run the whole pipeline on this machine with kfp.local (SubprocessRunner)")
     r.add_argument("--local", action="store_true", required=True, help="run locally (the only mode of `run`)")
-    r.add_argument("--pipeline-root", default="outputs/kfp", help="local artifact root (default: %(default)s)")
+    r.add_argument("--pipeline-root", default="outputs/kfp",
+                   help="local artifact root; step logs go to its logs/ (default: %(default)s)")
+    r.add_argument("--verbose-steps", action="store_true",
+                   help="print kfp.local's full output (executor input, every line of every step) here instead")
     params(r)
     r.set_defaults(func=_run)
     s = ps.add_parser("submit", help="submit a run to a Kubeflow Pipelines endpoint")
@@ -54,7 +59,15 @@ def _compile(args) -> int:
 def _run(args) -> int:
     from .run import run_local
 
-    result = run_local(parse_params(args.param), args.pipeline_root)
+    from .run import StepFailed
+
+    logs = Path(args.pipeline_root) / "logs"
+    print(f"step logs: {logs}/")
+    try:
+        result = run_local(parse_params(args.param), args.pipeline_root, log_dir=None if args.verbose_steps else str(logs))
+    except StepFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=1))
     return 0
 

@@ -24,16 +24,34 @@ def local_defaults() -> dict:
     return {k: str(Path(v).resolve()) for k, v in LOCAL_DEFAULTS.items()}
 
 
-def run_local(params: dict, pipeline_root: str = "outputs/kfp") -> dict:
-    """Run every step in subprocesses of this Python (no containers), like a cluster run."""
+class StepFailed(RuntimeError):
+    """A pipeline step failed (after its retries); names the step and the log to read."""
+
+
+def run_local(params: dict, pipeline_root: str = "outputs/kfp", log_dir: str | None = None) -> dict:
+    """Run every step in subprocesses of this Python (no containers), like a cluster run.
+
+    With ``log_dir``, the console gets one line per step and kfp's detail goes to
+    ``log_dir/pipeline.log`` and ``log_dir/<step>.log``; a failed step raises StepFailed naming its log."""
+    import contextlib
+
     from kfp import local
 
+    from .local_console import step_console
     from .pipeline import motioncharacter_pipeline
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(pipeline_root).resolve()),
                raise_on_error=True)
     args = {**local_defaults(), **params}
-    task = motioncharacter_pipeline(**args)
+    with (step_console(log_dir) if log_dir else contextlib.nullcontext()) as console:
+        try:
+            task = motioncharacter_pipeline(**args)
+        except RuntimeError as e:
+            if console is None or not console.failed:
+                raise
+            step = console.failed[-1]
+            raise StepFailed(f"pipeline step '{step}' failed; its log: {console.step_log_path(step)} "
+                             f"(all steps: {console.dir / 'pipeline.log'})") from e
     return {"state": "SUCCEEDED", "params": args, "outputs": getattr(task, "outputs", None) and dict(task.outputs)}
 
 

@@ -10,7 +10,7 @@ from motioncharacter import storage
 
 @pytest.mark.services
 @pytest.mark.slow
-def test_local_pipeline_run(stack, tmp_path):
+def test_local_pipeline_run(stack, tmp_path, capsys):
     import mlflow
 
     from motioncharacter.pipelines.run import run_local
@@ -18,7 +18,12 @@ def test_local_pipeline_run(stack, tmp_path):
     work = f"s3://{stack.bucket}/pipeline-test"
     repo = f"s3://{stack.bucket}/pipeline-test/model_repository"
     run_local({"work_uri": work, "model_repository": repo, "train_steps": 2, "eval_limit": 2,
-               "ablations": ["no_region_aware"]}, str(tmp_path / "kfp"))
+               "ablations": ["no_region_aware"]}, str(tmp_path / "kfp"), log_dir=str(tmp_path / "logs"))
+    # a console a person can read: one line per step start and end; the executor's detail in logs
+    console = capsys.readouterr().out.splitlines()
+    assert "[prepare] running ..." in console and any(x.startswith("[train-2] done in ") for x in console)
+    assert len(console) <= 30 and not any("executor_input" in x for x in console), console
+    assert "executor_input" in (tmp_path / "logs" / "train.log").read_text()
 
     for rel in ("prepared/manifest.jsonl", "prepared/contact_sheet.png",
                 "train/full/adapter/diffusion_pytorch_model.safetensors",
