@@ -6,6 +6,7 @@ colon is what the summary and MLflow count.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,19 +24,107 @@ def check_resolution(width: int, height: int, min_short_side: int) -> str | None
     return None
 
 
-def check_faces(frames: np.ndarray, min_confidence: float) -> tuple[str | None, list[list[Face]]]:
-    """Exactly one confident face in every given frame. Returns (reason, faces per frame)."""
-    det = detector()
-    found = [det.detect(f) for f in frames]
+# ---- faces -------------------------------------------------------------------------------
+#
+# YuNet fires on background objects now and then, for a frame or two and at low confidence; a
+# real second person stays. So a face counts only when it is confident, followed across the
+# sampled frames (greedy IoU, frame to frame) and present in enough of them at a usable size.
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two (x, y, w, h) boxes."""
+    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    inter = max(0.0, float(w)) * max(0.0, float(h))
+    union = float(a[2] * a[3] + b[2] * b[3]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@dataclass
+class FaceTrack:
+    """One face followed across sampled frames: frame index -> its detection there."""
+    faces: dict[int, Face] = field(default_factory=dict)
+
+    @property
+    def last(self) -> Face:
+        return self.faces[max(self.faces)]
+
+    def summary(self, frame_short_side: float) -> dict:
+        fs = list(self.faces.values())
+        return {"frames": sorted(self.faces), "presence": len(fs),
+                "mean_score": round(float(np.mean([f.score for f in fs])), 4),
+                "mean_size": round(float(np.mean([min(f.box[2:4]) for f in fs])) / frame_short_side, 4)}
+
+
+def track_faces(found: list[list[Face]], min_iou: float = 0.3) -> list[FaceTrack]:
+    """Greedy IoU matching, frame to frame, one detection per track; unmatched detections start
+    tracks. A track keeps its last box while it is missing, so it may skip frames (a turned head,
+    a missed detection). Tracks seen more recently match first, then by IoU: after a scene cut an
+    old track's stale box must not take the face that the previous frame's track is following."""
+    tracks: list[FaceTrack] = []
     for i, faces in enumerate(found):
-        if len(faces) == 0:
-            return f"faces: no face in sampled frame {i}", found
-        if len(faces) > 1:
-            return f"faces: {len(faces)} faces in sampled frame {i} (need exactly 1)", found
-        if faces[0].score < min_confidence:
-            return (f"faces: low detection confidence {faces[0].score:.2f} in sampled frame {i} "
-                    f"(< {min_confidence})"), found
-    return None, found
+        pairs = []
+        for ti, t in enumerate(tracks):
+            for fi, f in enumerate(faces):
+                v = iou(t.last.box, f.box)
+                if v >= min_iou:
+                    pairs.append((i - max(t.faces), -v, ti, fi))  # sorts: most recently seen, then best IoU
+        pairs.sort()
+        used_t, used_f = set(), set()
+        for _, _, ti, fi in pairs:
+            if ti not in used_t and fi not in used_f:
+                tracks[ti].faces[i] = faces[fi]
+                used_t.add(ti)
+                used_f.add(fi)
+        tracks += [FaceTrack({i: f}) for fi, f in enumerate(faces) if fi not in used_f]
+    return tracks
+
+
+def decide_faces(found: list[list[Face]], frame_hw: tuple[int, int], min_confidence: float, min_presence: float,
+                 min_size: float, min_iou: float = 0.3) -> tuple[str | None, list[Face | None], dict]:
+    """The face filter on per-frame detections (pure: no detector, testable with hand-made faces).
+
+    Keeps a clip when exactly one *persistent* face exists: detections with score >= min_confidence,
+    tracked across frames, present in >= min_presence of them, mean box short side >= min_size of
+    the frame's short side. Returns (reason, that face in each frame or None where it is missing,
+    info for the clip's record).
+    """
+    n = len(found)
+    short = float(min(frame_hw))
+    confident = [[f for f in faces if f.score >= min_confidence] for faces in found]
+    tracks = track_faces(confident, min_iou)
+    summaries = [t.summary(short) for t in tracks]
+    for s in summaries:
+        s["persistent"] = s["presence"] >= min_presence * n and s["mean_size"] >= min_size
+    persistent = [t for t, s in zip(tracks, summaries) if s["persistent"]]
+    sized = [s for s in summaries if s["mean_size"] >= min_size]
+    need = f"in >= {min_presence:.0%} of frames, short side >= {min_size:.0%} of the frame's, confidence >= {min_confidence}"
+    if len(persistent) > 1:
+        reason = f"faces: {len(persistent)} persistent faces (need exactly 1 {need})"
+    elif persistent:
+        reason = None
+    elif not tracks:
+        reason = f"faces: no face in {n} sampled frames (confidence >= {min_confidence})"
+    elif not sized:
+        biggest = max(s["mean_size"] for s in summaries)
+        reason = f"faces: largest face's short side is {biggest:.1%} of the frame's (< {min_size:.0%})"
+    else:
+        best = max(s["presence"] for s in sized)
+        reason = f"faces: face present in only {best}/{n} sampled frames (< {min_presence:.0%})"
+    kept = persistent[0] if reason is None else None
+    info = {
+        "faces_per_frame": [len(f) for f in found],
+        "face_scores": [[round(f.score, 4) for f in faces] for faces in found],
+        "face_tracks": summaries,
+        "face_decision": "kept" if reason is None else reason,
+    }
+    return reason, [kept.faces.get(i) if kept else None for i in range(n)], info
+
+
+def check_faces(frames: np.ndarray, min_confidence: float, min_presence: float,
+                min_size: float) -> tuple[str | None, list[Face | None], dict]:
+    """YuNet on every sampled frame, then ``decide_faces``."""
+    det = detector()
+    return decide_faces([det.detect(f) for f in frames], frames.shape[1:3], min_confidence, min_presence, min_size)
 
 
 # ---- visual quality --------------------------------------------------------------------

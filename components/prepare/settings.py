@@ -20,7 +20,11 @@ class FilterSettings:
     ocr: bool = True
     ocr_frames: int = 2                # EasyOCR is ~1-2.5 s a frame on a CPU
     max_text_fraction: float = 0.01    # of the frame area covered by text boxes
-    min_face_confidence: float = 0.8
+    min_face_confidence: float = 0.8   # YuNet score a detection needs to count at all
+    # A face counts when tracked (IoU) across the sampled frames in >= this share of them: keeps
+    # one-frame false positives from dropping a clip; a second person who stays in shot still does.
+    face_min_presence: float = 0.5
+    face_min_size: float = 0.05        # mean face-box short side / frame short side; smaller faces don't count
 
 
 @dataclass
@@ -60,6 +64,9 @@ class PrepareConfig:
         s = self.sampling
         if s.fps <= 0 or s.num_frames < 2 or not 2 <= s.min_frames <= s.num_frames:
             raise ValueError("sampling: need fps > 0 and 2 <= min_frames <= num_frames")
+        f = self.filters
+        if not 0 < f.face_min_presence <= 1 or not 0 <= f.face_min_size < 1:
+            raise ValueError("filters: need 0 < face_min_presence <= 1 and 0 <= face_min_size < 1")
         if self.flow.estimator not in ("dis", "raft"):
             raise ValueError(f"flow.estimator must be dis or raft, not {self.flow.estimator!r}")
         if self.caption.captioner not in ("offline", "vlm"):
