@@ -1,4 +1,5 @@
-"""Video and image I/O shared by every stage: decoding (decord), sampling, writing, contact sheets."""
+"""Video and image I/O shared by every stage: decoding (decord; Pillow for animated GIF / WebP /
+APNG), sampling by time (``open_media(path).sample(fps, count)``), writing, contact sheets."""
 from __future__ import annotations
 
 import io
@@ -7,11 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageSequence
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif", ".apng"}
+ANIMATED_SUFFIXES = {".gif", ".webp", ".png", ".apng"}  # decoded by Pillow, with per-frame durations
 MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb guard for user images
+DEFAULT_FRAME_MS = 100  # browsers show a frame whose delay is missing or <= 10 ms for 100 ms
+CFR_TOLERANCE_S = 0.0015  # frame gaps this close count as one rate: 1-ms time bases round 1/fps
+_EPS = 1e-6  # seconds: float timestamps (decord's are float32) must not miss a frame's start
 
 
 class VideoError(ValueError):
@@ -34,15 +39,19 @@ class VideoInfo:
         return self.num_frames / self.fps if self.fps else 0.0
 
 
+def _check_file(p: Path) -> None:
+    if not p.is_file():
+        raise VideoError("missing", f"{p}: no such file")
+    if p.stat().st_size == 0:
+        raise VideoError("empty", f"{p.name}: zero-length file")
+
+
 def open_video(path: str | Path):
     """A decord VideoReader, or VideoError('unreadable' / 'empty') naming the file."""
     import decord
 
     p = Path(path)
-    if not p.is_file():
-        raise VideoError("missing", f"{p}: no such file")
-    if p.stat().st_size == 0:
-        raise VideoError("empty", f"{p.name}: zero-length file")
+    _check_file(p)
     try:
         vr = decord.VideoReader(str(p), num_threads=1)
     except Exception as e:  # decord raises DECORDError/RuntimeError with ffmpeg's text
@@ -76,6 +85,131 @@ def sample_indices(num_frames: int, src_fps: float, target_fps: float, count: in
             break
         out.append(i)
     return out
+
+
+@dataclass
+class Timeline:
+    """When each frame is on screen: frame i from ``starts[i]`` (seconds, first frame at 0) until
+    the next start, the last one until ``duration``. ``fps`` is the rate of a constant-rate video,
+    0 for unevenly timed frames (variable-rate video, animated images)."""
+    starts: np.ndarray
+    duration: float
+    fps: float = 0.0
+
+    @classmethod
+    def constant(cls, num_frames: int, fps: float) -> "Timeline":
+        return cls(np.arange(num_frames) / fps, num_frames / fps, fps)
+
+    @classmethod
+    def from_durations(cls, seconds: list[float]) -> "Timeline":
+        ends = np.cumsum(seconds)
+        return cls(np.concatenate([[0.0], ends[:-1]]), float(ends[-1]))
+
+    def sample(self, target_fps: float, count: int) -> list[int]:
+        """Indices of the frames on screen at t_k = k / target_fps, k = 0.. while t_k < duration,
+        at most ``count``; a frame held for several t_k (a merged GIF still) repeats."""
+        if target_fps <= 0:
+            raise ValueError("frame rates must be positive")
+        if self.fps:  # constant rate: the nearest-frame rule prepared datasets were built with
+            return sample_indices(len(self.starts), self.fps, target_fps, count)
+        t = np.arange(count) / target_fps
+        t = t[t < self.duration - _EPS]
+        return (np.searchsorted(self.starts, t + _EPS, side="right") - 1).tolist()
+
+
+def _video_timeline(vr, info: VideoInfo) -> Timeline:
+    """Frame start times from decord; the container's constant rate when they are evenly spaced
+    or unusable (missing, non-finite, not increasing)."""
+    n = info.num_frames
+    try:
+        ts = np.asarray(vr.get_frame_timestamp(list(range(n))), np.float64).reshape(n, 2)
+    except Exception:
+        return Timeline.constant(n, info.fps)
+    starts = ts[:, 0] - ts[0, 0]
+    gaps = np.diff(starts)
+    if n < 3 or not np.isfinite(ts).all() or (gaps <= 0).any() or np.ptp(gaps) <= CFR_TOLERANCE_S:
+        return Timeline.constant(n, info.fps)
+    # decord's end of the last frame is its start plus the packet duration
+    end = ts[-1, 1] - ts[0, 0]
+    return Timeline(starts, float(end if end > starts[-1] else starts[-1] + np.median(gaps)))
+
+
+def _frame_seconds(frame: Image.Image) -> float:
+    frame.load()  # WebP sets a frame's duration only once it is decoded
+    ms = frame.info.get("duration") or 0
+    return (ms if ms > 10 else DEFAULT_FRAME_MS) / 1000.0
+
+
+class Media:
+    """A video (decord) or animated GIF / WebP / APNG (Pillow) with its frame ``timeline``;
+    frames are decoded on ``read`` only."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if path.suffix.lower() in ANIMATED_SUFFIXES:
+            self._vr = None
+            sized = self._pillow(lambda frame: (frame.size, _frame_seconds(frame)))
+            (w, h), seconds = sized[0][0], [sec for _, sec in sized]
+            self.timeline = Timeline.from_durations(seconds)
+            self.info = VideoInfo(w, h, len(seconds) / self.timeline.duration, len(seconds))
+        else:
+            self._vr = open_video(path)
+            self.info = probe(self._vr)
+            self.timeline = _video_timeline(self._vr, self.info)
+
+    def _pillow(self, fn, wanted: set[int] | None = None) -> list:
+        """``[fn(frame)]`` over the frames in order, only the ``wanted`` indices when given."""
+        out, decoded = [], 0
+        try:
+            with Image.open(self.path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise VideoError("unreadable", f"{self.path.name} is {im.width}x{im.height}, over the "
+                                     f"{MAX_IMAGE_PIXELS:,}-pixel limit")
+                for i, frame in enumerate(ImageSequence.Iterator(im)):
+                    if wanted is None or i in wanted:
+                        out.append(fn(frame))
+                        if wanted is not None and len(out) == len(wanted):
+                            break
+                    decoded = i + 1
+        except VideoError:
+            raise
+        except Exception as e:
+            raise VideoError("truncated" if decoded else "unreadable",
+                             f"{self.path.name}: not a decodable animation ({str(e)[:120]})") from None
+        if not out:
+            raise VideoError("empty", f"{self.path}: animation has no frames")
+        return out
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        """(N, H, W, 3) uint8 RGB frames at ``indices`` (repeats allowed)."""
+        if self._vr is not None:
+            return read_frames(self._vr, indices)
+        wanted = sorted(set(indices))
+        frames = dict(zip(wanted, self._pillow(lambda frame: np.asarray(frame.convert("RGB")), set(wanted))))
+        if len(frames) < len(wanted):
+            raise VideoError("truncated", f"{self.path.name}: frames {wanted[len(frames)]}.. could not be decoded")
+        return np.stack([frames[i] for i in indices])
+
+    def sample(self, fps: float, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(frames, their times t_k in seconds) sampled by time at ``fps``, at most ``count``."""
+        idx = self.timeline.sample(fps, count)
+        return self.read(idx), np.arange(len(idx)) / fps
+
+
+def open_media(path: str | Path) -> Media:
+    """Any video or animated image, to sample by time; VideoError('missing' / 'empty' / 'unreadable')."""
+    p = Path(path)
+    _check_file(p)
+    return Media(p)
+
+
+def is_animated(path: str | Path) -> bool:
+    """True for a GIF / WebP / PNG holding more than one frame."""
+    try:
+        with Image.open(path) as im:
+            return bool(getattr(im, "is_animated", False))
+    except Exception:
+        return False
 
 
 def read_frames(vr, indices: list[int]) -> np.ndarray:

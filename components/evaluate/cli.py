@@ -67,8 +67,9 @@ def add_commands(sub) -> None:
 
     m = sub.add_parser("metrics", help="score an existing video or GIF with the evaluation metrics",
                        description="Score any video (mp4/gif/...) so other systems' outputs can be compared. "
-                       "Frames are sampled at --fps (VBench samples ~8 fps). " + METRIC_HELP)
-    m.add_argument("video", help="video or GIF file (local or s3://)")
+                       "Frames are sampled by time at --fps (VBench samples ~8 fps): a GIF / WebP / APNG frame or a "
+                       "variable-rate video frame counts for as long as it is shown. " + METRIC_HELP)
+    m.add_argument("video", help="video, GIF, animated WebP or APNG file (local or s3://)")
     m.add_argument("--reference", metavar="FACE", help="reference portrait: face similarity and CLIP-I")
     m.add_argument("--prompt", metavar="TEXT", help="the text prompt: CLIP-T")
     m.add_argument("--action", metavar="PHRASE", help="requested action phrase: action adherence (with CLIP)")
@@ -113,8 +114,10 @@ def format_metrics(metrics: dict) -> str:
     width = max(len(k) for k in metrics) if metrics else 0
     out = []
     for k, v in metrics.items():
-        out.append(f"{k:<{width}}  " + (f"{v['value']:.4f}" if v.get("value") is not None
-                                        else f"n/a ({v.get('reason', '')})"))
+        extra = ", ".join(f"{e} {x:.3g}" if isinstance(x, float) else f"{e} {x}"
+                          for e, x in v.items() if e not in ("value", "reason"))
+        out.append(f"{k:<{width}}  " + (f"{v['value']:.4f}" + (f"  ({extra})" if extra else "")
+                                        if v.get("value") is not None else f"n/a ({v.get('reason', '')})"))
     return "\n".join(out)
 
 
@@ -150,26 +153,14 @@ def _metrics(args) -> int:
 
 
 def read_any(path, fps: float, max_frames: int):
-    """(frames, fps used) from a video (decord) or an animated GIF (Pillow), sampled at ``fps``."""
-    from pathlib import Path
+    """(frames, fps used) from a video or animated GIF / WebP / APNG, sampled by time at ``fps``."""
+    from motioncharacter.video import open_media
 
-    import numpy as np
-
-    from motioncharacter.video import open_video, probe, read_frames, sample_indices
-
-    if Path(path).suffix.lower() == ".gif":
-        from PIL import Image, ImageSequence
-
-        with Image.open(path) as im:
-            src_fps = 1000.0 / (im.info.get("duration") or 125)
-            all_frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
-        use = min(fps, src_fps)
-        idx = sample_indices(len(all_frames), src_fps, use, max_frames)
-        return np.stack([all_frames[i] for i in idx]), use
-    vr = open_video(path)
-    info = probe(vr)
-    use = min(fps, info.fps)
-    return read_frames(vr, sample_indices(info.num_frames, info.fps, use, max_frames)), use
+    media = open_media(path)
+    # a constant-rate video is never sampled faster than it was encoded (no repeated frames, as
+    # before); animated images and variable-rate video repeat a frame for as long as it is shown
+    use = min(fps, media.timeline.fps) if media.timeline.fps else fps
+    return media.sample(use, max_frames)[0], use
 
 
 def _compare(args) -> int:

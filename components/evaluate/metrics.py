@@ -7,13 +7,14 @@ VBench definitions (Huang et al. 2024, the paper's ref. [17]) implemented here:
 
 - Dynamic Degree: optical flow between consecutive frames; a pair's score is the mean of its
   top 5 % flow magnitudes; the video is dynamic (1) when at least ``round(4 * N / 16)`` of the
-  pairs (ignoring the last two) exceed ``6 * short_side / 256`` px, else static (0). The
-  dataset value is the fraction of dynamic videos. VBench uses RAFT; without RAFT weights we
-  use OpenCV DIS flow and report it as ``dynamic_degree_dis``.
+  pairs (ignoring the last two) exceed ``6 * short_side / 256`` px, else static (0); absent
+  below 4 frames, where no pair is left to count. The dataset value is the fraction of dynamic
+  videos. VBench uses RAFT; without RAFT weights we use OpenCV DIS flow and report it as
+  ``dynamic_degree_dis``.
 - Motion Smoothness: drop the odd frames, re-create them by interpolating their even
   neighbours, score ``(255 - mean |real - interpolated|) / 255``. VBench interpolates with AMT;
   without AMT we interpolate along DIS flow (Super-SloMo's t = 1/2 flow approximation, below)
-  and report it as ``motion_smoothness_flowinterp``.
+  and report it as ``motion_smoothness_flowinterp``. Needs at least 3 frames.
 """
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ def present(value: float, **extra: Any) -> dict:
 
 def absent(reason: str) -> dict:
     return {"value": None, "reason": reason}
+
+
+def too_few(have: int, need: int, why: str = "") -> dict | None:
+    """absent(...) naming both frame counts when a metric needs ``need`` frames and has ``have``."""
+    if have >= need:
+        return None
+    return absent(f"needs at least {need} frame{'s' if need != 1 else ''}, got {have}" + (f" ({why})" if why else ""))
 
 
 def value(result: dict | None) -> float | None:
@@ -75,10 +83,17 @@ def top5_flow(mag: np.ndarray) -> float:
     return float(flat[:k].mean())
 
 
+# VBench ignores the last 2 of the N-1 pairs: with fewer than 4 frames no pair is counted and
+# every video would read "static" whatever it shows
+DYNAMIC_DEGREE_MIN_FRAMES = 4
+
+
 def dynamic_degree(mags: np.ndarray, short_side: int) -> float:
     """1.0 if the video is dynamic, else 0.0. ``mags``: (N-1, H, W) flow magnitudes in pixels of
     frames whose short side is ``short_side`` (the threshold scales with it, as in VBench)."""
     n_frames = len(mags) + 1
+    if n_frames < DYNAMIC_DEGREE_MIN_FRAMES:
+        raise ValueError(f"dynamic degree needs at least {DYNAMIC_DEGREE_MIN_FRAMES} frames, got {n_frames}")
     thres = 6.0 * short_side / 256.0
     need = round(4 * n_frames / 16.0)
     count = sum(top5_flow(m) > thres for m in mags[:-2])
@@ -88,14 +103,15 @@ def dynamic_degree(mags: np.ndarray, short_side: int) -> float:
 # ---- VBench motion smoothness -------------------------------------------------------------
 
 Interpolator = Callable[[np.ndarray, np.ndarray], np.ndarray]
+MOTION_SMOOTHNESS_MIN_FRAMES = 3  # one odd frame between two even ones
 
 
 def motion_smoothness(frames: np.ndarray, interpolate: Interpolator) -> float:
     """(255 - mean absolute error of re-created odd frames) / 255. ``interpolate(a, b)`` returns
     the frame halfway between uint8 frames a and b."""
     frames = np.asarray(frames)
-    if len(frames) < 3:
-        raise ValueError("motion smoothness needs at least 3 frames")
+    if len(frames) < MOTION_SMOOTHNESS_MIN_FRAMES:
+        raise ValueError(f"motion smoothness needs at least {MOTION_SMOOTHNESS_MIN_FRAMES} frames, got {len(frames)}")
     even = frames[0::2]
     errs = []
     for k in range(len(even) - 1):

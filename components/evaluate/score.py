@@ -60,6 +60,8 @@ class Scorer:
 
         if reference is None:
             return M.absent("no reference face given (--reference)")
+        if lacking := M.too_few(len(frames), 1):
+            return lacking
         try:
             ref = self.embedder.embed(reference, self.detector.one(reference, "reference image", face_index))
         except FaceError as e:
@@ -72,16 +74,16 @@ class Scorer:
                 embs.append(self.embedder.embed(f, faces[0]))
         if not embs:
             return M.absent(f"no face detected in any of {looked} frames")
-        return M.present(M.mean_similarity(ref, np.stack(embs)), face_rate=len(embs) / looked)
+        # frames without a detectable face (stylised, a small full-body figure) are counted, not scored 0
+        return M.present(M.mean_similarity(ref, np.stack(embs)), face_rate=len(embs) / looked,
+                         frames_scored=len(embs), frames_without_face=looked - len(embs))
 
     def clip_scores(self, frames: np.ndarray, reference: np.ndarray | None, prompt: str | None,
                     action: str | None, action_bank: list[str] | None) -> dict:
-        why = "no CLIP weights supplied (--clip-weights)"
-        out = {"clip_i": M.absent(why), "clip_t": M.absent(why)}
-        if self.clip is None:
-            if action:
-                out["action_clip_t"] = M.absent(why)
-            return out
+        why = M.absent("no CLIP weights supplied (--clip-weights)") if self.clip is None else M.too_few(len(frames), 1)
+        if why:
+            return {k: dict(why) for k in ("clip_i", "clip_t", *(["action_clip_t"] if action else []))}
+        out = {}
         emb = self.clip.images(frames)
         out["clip_i"] = (M.present(M.mean_similarity(self.clip.images(reference)[0], emb)) if reference is not None
                          else M.absent("no reference image given"))
@@ -98,22 +100,20 @@ class Scorer:
     def flow_metrics(self, frames: np.ndarray) -> dict:
         from motioncharacter.components.prepare.flow import flow_magnitude, measure
 
-        short = min(frames.shape[1:3])
-        out = {}
-        if len(frames) < 2:
-            return {"intensity": M.absent("needs at least 2 frames")}
-        # eq. 5-7 exactly as data preparation measures it (never upsampled: tiny videos are 64 px)
-        out["intensity"] = M.present(measure(frames, self.dis, min(self.flow_short_side, short))[0])
-        est, key = (self.raft, "dynamic_degree") if self.raft else (self.dis, "dynamic_degree_dis")
-        out[key] = M.present(M.dynamic_degree(flow_magnitude(est(frames)), short))
-        if len(frames) < 3:
-            out["motion_smoothness" if self.amt else "motion_smoothness_flowinterp"] = M.absent("needs at least 3 frames")
-        elif self.amt:
-            out["motion_smoothness"] = M.present(M.motion_smoothness(frames, self.amt))
-        else:
-            out["motion_smoothness_flowinterp"] = M.present(
-                M.motion_smoothness(frames, M.FlowInterpolator(self.dis)))
-        return out
+        n = len(frames)
+        short = min(frames.shape[1:3]) if n else 0
+        est, dd_key = (self.raft, "dynamic_degree") if self.raft else (self.dis, "dynamic_degree_dis")
+        interp, ms_key = ((self.amt, "motion_smoothness") if self.amt
+                          else (M.FlowInterpolator(self.dis), "motion_smoothness_flowinterp"))
+        return {
+            # eq. 5-7 exactly as data preparation measures it (never upsampled: tiny videos are 64 px)
+            "intensity": M.too_few(n, 2, "one flow pair") or M.present(
+                measure(frames, self.dis, min(self.flow_short_side, short))[0]),
+            dd_key: M.too_few(n, M.DYNAMIC_DEGREE_MIN_FRAMES, "VBench ignores the last 2 flow pairs") or M.present(
+                M.dynamic_degree(flow_magnitude(est(frames)), short)),
+            ms_key: M.too_few(n, M.MOTION_SMOOTHNESS_MIN_FRAMES, "one frame re-created between two") or M.present(
+                M.motion_smoothness(frames, interp)),
+        }
 
     # ---- everything -----------------------------------------------------------------------
 
@@ -126,7 +126,7 @@ class Scorer:
             ("face", lambda: {self.face_key: self.face_similarity(frames, reference, face_index)}),
             ("clip", lambda: self.clip_scores(frames, reference, prompt, action, action_bank)),
             ("flow", lambda: self.flow_metrics(frames)),
-            ("dover", lambda: {"dover": M.present(self.dover(frames)) if self.dover
+            ("dover", lambda: {"dover": (M.too_few(len(frames), 1) or M.present(self.dover(frames))) if self.dover
                                else M.absent("no DOVER model supplied (--dover-model)")}),
         ]
         for name, fn in steps:
