@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
+from .faults import TransientError
+
 RETRIES = 3  # with BACKOFF: an unreachable endpoint fails in about a second (plus connect timeouts)
 BACKOFF = 0.25
 CONNECT_TIMEOUT = 3.0
@@ -34,6 +36,10 @@ TRANSIENT_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTi
 
 class StorageError(RuntimeError):
     """A URI that cannot be read or written, with the reason."""
+
+
+class StoreUnavailable(StorageError, TransientError):
+    """The object store did not answer (or kept answering "try again") through the retries."""
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
@@ -112,7 +118,7 @@ def _retry(what: str, fn):
             delay *= 2
         except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as e:
             if attempt == RETRIES - 1:
-                raise StorageError(f"{what}: object store {endpoint()} unreachable after {RETRIES} tries "
+                raise StoreUnavailable(f"{what}: object store {endpoint()} unreachable after {RETRIES} tries "
                                    f"({type(e).__name__}: {e})") from e
             time.sleep(delay)
             delay *= 2
@@ -126,8 +132,12 @@ def _s3_error(what: str, e: Exception) -> StorageError:
         if e.code in AUTH_CODES:
             return StorageError(f"{what}: object store {endpoint()} refused the credentials ({e.code}): check "
                                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
-        return StorageError(f"{what}: {e.code}: {e.message}")
-    return StorageError(f"{what}: {e}")  # ValueError (bad bucket name, ...) or a server error
+        return (StoreUnavailable if e.code in TRANSIENT_CODES else StorageError)(f"{what}: {e.code}: {e.message}")
+    from minio.error import ServerError
+
+    if isinstance(e, ServerError):  # a 5xx without an S3 error body (a proxy, a restarting server)
+        return StoreUnavailable(f"{what}: object store {endpoint()} answered {e}")
+    return StorageError(f"{what}: {e}")  # ValueError (bad bucket name, ...)
 
 
 def _s3_call(what: str, fn):

@@ -205,7 +205,10 @@ class VLMCaptioner:
             r.raise_for_status()
             text = r.json()["choices"][0]["message"]["content"]
         except Exception as e:
-            raise RuntimeError(f"captioning endpoint {self.url} failed: {e}") from None
+            from motioncharacter.faults import TransientError, is_transient
+
+            kind = TransientError if is_transient(e) else RuntimeError  # down/5xx: retry later; 4xx: final
+            raise kind(f"captioning endpoint {self.url} failed: {e}") from None
         m = re.search(r"\{.*\}", text, re.S)
         try:
             data = json.loads(m.group(0)) if m else {}

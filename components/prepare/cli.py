@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_commands(sub) -> None:
@@ -40,10 +41,15 @@ def _prepare(args) -> int:
     from motioncharacter.config import load
 
     from .settings import PrepareConfig
-    from .stage import prepare, write_summary_table
+    from .stage import PrepareIncomplete, prepare, write_summary_table
 
     cfg = load(PrepareConfig, "prepare.yaml", args.config, args.overrides)
-    summary = prepare(args.input, args.output, cfg, track=not args.no_track, progress=not args.no_progress)
+    try:
+        summary = prepare(args.input, args.output, cfg, track=not args.no_track, progress=not args.no_progress)
+    except PrepareIncomplete as e:
+        print(write_summary_table(e.summary))
+        print(f"error: {e}", file=sys.stderr)
+        return 75  # EX_TEMPFAIL: worth retrying (a pipeline step's retry policy resumes it)
     print(write_summary_table(summary))
     print(f"manifest: {args.output.rstrip('/')}/manifest.jsonl")
     if summary.get("mlflow_run_id"):

@@ -19,9 +19,9 @@ import numpy as np
 
 from motioncharacter import storage
 from motioncharacter.config import to_dict
+from motioncharacter.faults import TransientError, is_transient
 from motioncharacter.faces import crop
-from motioncharacter.video import (IMAGE_SUFFIXES, VIDEO_SUFFIXES, VideoError, load_image, open_video, probe,
-                                   read_frames, sample_indices)
+from motioncharacter.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, VideoError, is_animated, load_image, open_media
 
 from . import filters
 from .captions import Caption, make_captioner
@@ -30,7 +30,9 @@ from .resample import balance_weights, cap, histogram_png
 from .settings import PrepareConfig
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tracked face filter, animated inputs and VFR video sampled by time
+TRANSIENT_TRIES = 3        # per input, for failures of a service rather than of the input
+TRANSIENT_BACKOFF_S = 2.0  # doubled after each try
 
 
 def settings_hash(cfg: PrepareConfig) -> str:
@@ -45,6 +47,17 @@ def content_hash(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:20]
+
+
+class PrepareIncomplete(TransientError):
+    """Some inputs failed for a transient reason through every retry. Everything else is saved;
+    a re-run (or the pipeline step's retry) resumes and tries only those again."""
+
+    def __init__(self, summary: dict):
+        n = summary["dropped_by_reason"]["transient"]
+        super().__init__(f"prepare {summary['output']}: {n} input(s) failed for a transient reason (a service "
+                         "down or timing out, see the log); the other results are saved: re-run to retry them")
+        self.summary = summary
 
 
 class Dropped(Exception):
@@ -71,10 +84,12 @@ def _evenly(n: int, k: int) -> list[int]:
 
 def _check_frames(frames: np.ndarray, cfg: PrepareConfig, tools: Tools, info: dict, reasons: list[str]) -> list:
     """Faces, quality and text-overlay filters on sampled frames, after the ``reasons`` found
-    so far (all cheap checks run, for a full account); returns the face in each frame."""
+    so far (all cheap checks run, for a full account); returns the kept person's face in each
+    frame, None where the tracker did not find it (see ``_detected``)."""
     fc = cfg.filters
-    reason, faces = filters.check_faces(frames, fc.min_face_confidence)
-    info["faces_per_frame"] = [len(f) for f in faces]
+    reason, faces, face_info = filters.check_faces(frames, fc.min_face_confidence, fc.face_min_presence,
+                                                   fc.face_min_size)
+    info.update(face_info)
     if reason:
         reasons.append(reason)
     reason, q = filters.check_quality(frames[len(frames) // 2], fc.max_piqe, tools.clip_iqa, fc.min_clip_iqa)
@@ -88,33 +103,41 @@ def _check_frames(frames: np.ndarray, cfg: PrepareConfig, tools: Tools, info: di
             reasons.append(reason)
     if reasons:
         raise Dropped(reasons, info)
-    return [f[0] for f in faces]
+    return faces
+
+
+def _detected(faces: list) -> list[int]:
+    """Frames where the kept face was detected. Landmarks and face crops come only from these:
+    a box carried over from another frame would put them on whatever is there now."""
+    return [i for i, f in enumerate(faces) if f is not None]
 
 
 def _analyse_video(path: Path, cfg: PrepareConfig, tools: Tools, info: dict):
     s = cfg.sampling
     try:
-        vr = open_video(path)
-        vi = probe(vr)
+        media = open_media(path)
     except VideoError as e:
         raise Dropped([f"unreadable: {e}"]) from None
+    vi = media.info
     info.update(width=vi.width, height=vi.height, source_fps=round(vi.fps, 3), source_frames=vi.num_frames)
     reasons = []
     r = filters.check_resolution(vi.width, vi.height, cfg.filters.min_short_side)
     if r:
         reasons.append(r)
-    idx = sample_indices(vi.num_frames, vi.fps, s.fps, s.num_frames)
+    idx = media.timeline.sample(s.fps, s.num_frames)
     if len(idx) < s.min_frames:
-        reasons.append(f"too_short: {len(idx)} frames at {s.fps} fps (< {s.min_frames}); {vi.duration:.1f} s long")
+        reasons.append(f"too_short: {len(idx)} frames at {s.fps} fps (< {s.min_frames}); "
+                       f"{media.timeline.duration:.1f} s long")
     if not idx:
         raise Dropped(reasons, info)
     try:
-        frames = read_frames(vr, idx)
+        frames = media.read(idx)
     except VideoError as e:
         raise Dropped(reasons + [f"unreadable: {path.name}: {e}"], info) from None
     faces = _check_frames(frames, cfg, tools, info, reasons)
     m_raw, _, masks = measure(frames, tools.estimator, cfg.flow.short_side, cfg.flow.mask_normalize)
-    caption = tools.captioner(frames, faces)
+    seen = _detected(faces)
+    caption = tools.captioner(frames[seen], [faces[i] for i in seen])
     return frames, faces, m_raw, masks, caption, False
 
 
@@ -153,7 +176,8 @@ def _save_artifacts(stage_dir: Path, clip_id: str, frames, faces, masks, cfg: Pr
         frame_paths = frame_paths * cfg.sampling.num_frames
     np.savez_compressed(d / "masks.npz", masks=masks.astype(np.float16))
     rng = np.random.default_rng(int(key[:8], 16) ^ o.seed)
-    picks = sorted(rng.choice(len(frames), size=min(o.face_pool, len(frames)), replace=False).tolist())
+    seen = _detected(faces)
+    picks = sorted(rng.choice(seen, size=min(o.face_pool, len(seen)), replace=False).tolist())
     face_paths = []
     for i in picks:
         p = base / "faces" / f"{i:03d}.jpg"
@@ -170,7 +194,7 @@ def process_input(local: Path, name: str, key: str, cfg: PrepareConfig, tools: T
     suffix = local.suffix.lower()
     t0 = time.perf_counter()
     try:
-        if suffix in VIDEO_SUFFIXES:
+        if suffix in VIDEO_SUFFIXES or is_animated(local):  # an animated WebP / PNG is a clip, not a still
             result = _analyse_video(local, cfg, tools, info)
         elif suffix in IMAGE_SUFFIXES:
             result = _analyse_image(local, cfg, tools, info)
@@ -188,6 +212,8 @@ def process_input(local: Path, name: str, key: str, cfg: PrepareConfig, tools: T
         rec["reasons"] = d.reasons
         info.update(d.info)
     except Exception as e:  # a bug or an unexpected decoder failure must not stop the batch
+        if is_transient(e):  # a service down, not a bad input: the caller retries, nothing is final
+            raise
         log.exception("unexpected failure on %s", name)
         rec["reasons"] = [f"error: {type(e).__name__}: {e}"]
     rec["info"] = info
@@ -208,15 +234,21 @@ def _existing_records(output: str) -> dict[str, dict]:
     return recs
 
 
-def _contact_sheet(kept: list[dict], stage_dir: Path, path: Path, max_rows: int = 12) -> Path | None:
+def _contact_sheet(kept: list[dict], stage_dir: Path, path: Path, output_uri: str | None = None,
+                   max_rows: int = 12) -> Path | None:
+    """Face crop + 6 frames per kept clip. Artifacts of clips finished by an earlier run (another
+    pod, a KFP retry: a fresh cache) are fetched from ``output_uri`` first."""
     from motioncharacter.video import contact_sheet
+
+    def rgb(rel: str) -> np.ndarray:
+        local = stage_dir / rel
+        if not local.is_file() and output_uri:
+            storage.download_file(storage.join(output_uri, rel), local)
+        return cv2.cvtColor(cv2.imread(str(local)), cv2.COLOR_BGR2RGB)
 
     rows, labels = [], []
     for r in kept[:max_rows]:
-        imgs = [cv2.cvtColor(cv2.imread(str(stage_dir / r["faces"][0])), cv2.COLOR_BGR2RGB)]
-        for p in r["frames"][:: max(1, len(r["frames"]) // 6)][:6]:
-            imgs.append(cv2.cvtColor(cv2.imread(str(stage_dir / p)), cv2.COLOR_BGR2RGB))
-        rows.append(imgs)
+        rows.append([rgb(r["faces"][0])] + [rgb(p) for p in r["frames"][:: max(1, len(r["frames"]) // 6)][:6]])
         labels.append(f"{r['clip']}  M={r['motion_intensity']:.1f}  action='{r['action']}'")
     if not rows:
         return None
@@ -242,25 +274,45 @@ def prepare(input_uri: str, output_uri: str, cfg: PrepareConfig, *, track: bool 
     (stage_dir / "records").mkdir(parents=True, exist_ok=True)
     done = _existing_records(output_uri)
     shash = settings_hash(cfg)
-    tools: Tools | None = None
+    tools: list[Tools] = []  # loaded on the first input that needs them
     records, resumed = [], 0
     bar = tqdm(inputs, desc="prepare", unit="clip", disable=not progress)
-    for uri in bar:
-        name = Path(uri).name
+
+    def one(uri: str, name: str) -> tuple[dict, bool]:
+        """(record, resumed) of one input; a new final record is persisted, artifacts first."""
         with storage.local_file(uri) as local:
             key = f"{content_hash(local)}-{shash}"
             if key in done:
-                rec, resumed = dict(done[key]), resumed + 1
-            else:
-                tools = tools or Tools(cfg)
-                rec = process_input(local, name, key, cfg, tools, stage_dir)
-                rec_rel = f"records/{key}.json"
-                if remote and rec["kept"]:  # artifacts first, record last: a crash in between only repeats work
-                    for p in sorted(set(rec["frames"] + rec["faces"] + [rec["masks"]])):
-                        storage.upload_file(stage_dir / p, storage.join(output_uri, p))
-                storage.write_bytes(storage.join(output_uri, rec_rel) if remote else str(stage_dir / rec_rel),
-                                    json.dumps(rec, indent=1).encode())
-                done[key] = rec
+                return dict(done[key]), True
+            tools or tools.append(Tools(cfg))
+            rec = process_input(local, name, key, cfg, tools[0], stage_dir)
+            rec_rel = f"records/{key}.json"
+            if remote and rec["kept"]:  # artifacts first, record last: a crash in between only repeats work
+                for p in sorted(set(rec["frames"] + rec["faces"] + [rec["masks"]])):
+                    storage.upload_file(stage_dir / p, storage.join(output_uri, p))
+            storage.write_bytes(storage.join(output_uri, rec_rel) if remote else str(stage_dir / rec_rel),
+                                json.dumps(rec, indent=1).encode())
+            done[key] = rec
+            return rec, False
+
+    for uri in bar:
+        name = Path(uri).name
+        delay = TRANSIENT_BACKOFF_S
+        for attempt in range(1, TRANSIENT_TRIES + 1):
+            try:
+                rec, was_resumed = one(uri, name)
+                break
+            except Exception as e:  # noqa: BLE001 - only transient failures are retried
+                if not is_transient(e):
+                    raise
+                log.warning("%s: transient failure (try %d of %d): %s", name, attempt, TRANSIENT_TRIES, e)
+                if attempt == TRANSIENT_TRIES:  # not recorded: the next run tries this input again
+                    rec, was_resumed = {"clip": name, "key": None, "kept": False, "motion_intensity": None,
+                                        "reasons": [f"transient: {type(e).__name__}: {e}"], "info": {}}, False
+                else:
+                    time.sleep(delay)
+                    delay *= 2
+        resumed += was_resumed
         rec.update(clip=name, source=uri)
         records.append(rec)
         bar.set_postfix(kept=sum(r["kept"] for r in records), dropped=sum(not r["kept"] for r in records))
@@ -284,20 +336,22 @@ def prepare(input_uri: str, output_uri: str, cfg: PrepareConfig, *, track: bool 
                              "max": float(ms.max()) if ms.size else None,
                              "scale": f"pixels of displacement per {1 / cfg.sampling.fps:.2f} s step at a "
                                       f"{REFERENCE_SHORT_SIDE}-px short side, capped at 20"},
-        "flow_estimator": tools.estimator.name if tools else cfg.flow.estimator,
+        "flow_estimator": tools[0].estimator.name if tools else cfg.flow.estimator,
         "captioner": cfg.caption.captioner, "settings_hash": shash,
         "seconds": round(time.perf_counter() - t_start, 2),
     }
     (stage_dir / "manifest.jsonl").write_text(manifest)
     (stage_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     hist = histogram_png(ms, weights, stage_dir / "intensity_histogram.png", cfg.output.bins)
-    sheet = _contact_sheet(kept, stage_dir, stage_dir / "contact_sheet.png")
+    sheet = _contact_sheet(kept, stage_dir, stage_dir / "contact_sheet.png", output_uri if remote else None)
     if remote:
         for f in ("manifest.jsonl", "summary.json", "intensity_histogram.png", "contact_sheet.png"):
             if (stage_dir / f).exists():
                 storage.upload_file(stage_dir / f, storage.join(output_uri, f))
     if track:
         _log_run(cfg, summary, stage_dir, [hist, sheet])
+    if drop_counts.get("transient"):
+        raise PrepareIncomplete(summary)
     return summary
 
 
