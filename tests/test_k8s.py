@@ -174,6 +174,17 @@ def test_production_triton_is_on_gpus_and_autoscaled():
     assert "replicas" not in find(docs, "Deployment", "triton")["spec"]  # the HPA owns it
 
 
+@pytest.mark.parametrize("overlay", SERVICE_OVERLAYS)
+def test_replicated_services_have_disruption_budgets(overlay):
+    """A drain takes at most one Triton or MLflow pod at a time, and still drains a single replica."""
+    docs = rendered(overlay)
+    for name in ("triton", "mlflow"):
+        pdb = find(docs, "PodDisruptionBudget", name)
+        assert pdb["apiVersion"] == "policy/v1" and pdb["spec"]["maxUnavailable"] == 1
+        pods = find(docs, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= pods.items()
+
+
 def test_local_triton_is_cpu_only_single_replica_without_autoscaler():
     docs = rendered("overlays/local")
     deploy = find(docs, "Deployment", "triton")
