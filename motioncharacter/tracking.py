@@ -31,7 +31,20 @@ _SECRET = re.compile(r"secret|passw|^pwd$|credential|^auth(orization)?$|"
                      r"(^|_)(access|auth|api|bearer|session|refresh|id|hf)?_?token$|"
                      r"(private|api|access|secret|session|signing|encryption|master)_?key(_?id)?$|^key$", re.I)
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
-               "MLFLOW_TRACKING_TOKEN", "OPENAI_API_KEY", "HF_TOKEN")
+               "MLFLOW_TRACKING_TOKEN", "OPENAI_API_KEY", "HF_TOKEN", "MOTIONCHARACTER_VLM_API_KEY",
+               "MOTIONCHARACTER_TRITON_ADMIN_KEY")
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^/@:\s]*):(?P<password>[^/@\s]+)@", re.I)
+
+
+def _env_secrets() -> set[str]:
+    """Values of the environment's credentials: the known names and any name that reads like one."""
+    names = set(_SECRET_ENV) | {k for k in os.environ if is_secret_key(k.lower()) and k not in ("PWD", "OLDPWD")}
+    return {os.environ[k] for k in names if len(os.environ.get(k) or "") >= 6}
+
+
+def redact_url_credentials(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://user:***@host``."""
+    return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
 class TrackingError(UserError):
@@ -102,17 +115,18 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def safe_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Flattened params as strings, without anything that looks like a secret.
 
-    Dropped: keys named like credentials, and values equal to a secret in the environment.
+    Dropped: keys named like credentials, and values holding a secret of the environment; a
+    password inside a URL (``s3://user:pw@host``) is masked.
     Only the key of a dropped entry is logged, never its value.
     """
-    known = {os.environ[v] for v in _SECRET_ENV if os.environ.get(v)}
+    known = _env_secrets()
     out = {}
     for k, v in flatten(values, prefix).items():
         s = "" if v is None else str(v)
-        if is_secret_key(k) or (s and s in known):
+        if is_secret_key(k) or any(secret in s for secret in known):
             log.warning("not logging parameter %r: it looks like a secret", k)
             continue
-        out[k] = s[:MAX_PARAM_CHARS]
+        out[k] = redact_url_credentials(s)[:MAX_PARAM_CHARS]
     return out
 
 

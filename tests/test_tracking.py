@@ -2,6 +2,8 @@
 and a run logged through the real MLflow server with its artifacts landing in the S3 bucket."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from motioncharacter import storage, tracking
@@ -20,6 +22,18 @@ def test_flatten_and_secret_filter(monkeypatch):
     })
     assert params == {"data.fps": "4", "data.frames": "16", "data.sizes": "[512, 256]", "s3.endpoint": "http://x",
                       "text.max_tokens": "77", "text.tokenizer": "clip", "keyframes": "3", "layers.0.dim": "8"}
+
+
+def test_secrets_of_any_credential_variable_and_inside_urls_are_kept_out(monkeypatch):
+    monkeypatch.setenv("MOTIONCHARACTER_VLM_API_KEY", "vlm-k3y-123456")
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-abcdef-987")  # any name that reads like a credential
+    params = tracking.safe_params({
+        "caption": {"url": "http://vlm:8000/v1", "header": "Bearer vlm-k3y-123456"},
+        "other": "x tok-abcdef-987 y",
+        "store": "s3://alice:hunter2-pw@minio:9000/bucket", "here": os.getcwd(),
+    })
+    assert params == {"caption.url": "http://vlm:8000/v1", "store": "s3://alice:***@minio:9000/bucket",
+                      "here": os.getcwd()}  # PWD is a path, not a password
 
 
 def test_embedded_default_is_sqlite(tmp_path, monkeypatch):
