@@ -11,4 +11,10 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # requirements.lock pins the whole dependency tree; pyproject pins the direct dependencies.
 .venv/bin/python -m pip install -q -c requirements.lock -e ".[dev]"
+# without their declared opencv-python (the GUI build, which would overwrite the headless cv2)
+.venv/bin/python -m pip install -q --no-deps -c requirements.lock -r requirements-nodeps.txt
+if .venv/bin/python -m pip show -q opencv-python 2>/dev/null; then  # a venv made before this rule
+  .venv/bin/python -m pip uninstall -q -y opencv-python
+  .venv/bin/python -m pip install -q --force-reinstall --no-deps -c requirements.lock opencv-python-headless
+fi
 echo "ready: $(.venv/bin/motioncharacter --version 2>/dev/null || echo motioncharacter) in ./.venv"

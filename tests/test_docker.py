@@ -120,8 +120,9 @@ def test_installs_only_what_pyproject_pins(name):
         for w in it:
             if w in takes_value:
                 value = next(it)
-                if w in ("-r", "--requirement"):
-                    assert value == "requirements.txt", value
+                if w in ("-r", "--requirement"):  # pyproject's pins, and the pinned --no-deps few
+                    assert value in ("requirements.txt", "requirements-nodeps.txt"), value
+                    assert value == "requirements.txt" or "--no-deps" in words, words
                 continue
             if w.startswith("-"):
                 continue
@@ -204,3 +205,31 @@ def test_kubernetes_uses_the_images_built_here():
                         ("Dockerfile.cuda", "ghcr.io/motioncharacter/motioncharacter:0.1.0-cuda"),
                         ("Dockerfile.triton", "ghcr.io/motioncharacter/motioncharacter-triton:")):
         assert f"-t {image}" in (DOCKER / name).read_text(), name
+
+
+# ---- headless OpenCV only ----------------------------------------------------------------------
+def test_only_headless_opencv_is_installed_and_cv2_links_no_gui():
+    """insightface and pypiqe declare opencv-python (the GUI build: libGL, X11, Qt, which the images
+    lack); it shares the cv2 module with the headless build and overwrites it."""
+    import importlib.metadata as md
+
+    import cv2
+
+    names = {d.metadata["Name"].lower() for d in md.distributions()}
+    assert "opencv-python-headless" in names and "opencv-python" not in names
+    libs = [p for p in Path(cv2.__file__).parent.rglob("*.so*")]
+    linked = subprocess.run(["ldd", *map(str, libs)], capture_output=True, text=True).stdout
+    assert not re.search(r"libGL\.|libX11|libQt|libgtk", linked), "cv2 links a GUI library"
+
+
+def test_gui_opencv_dependents_install_without_their_deps():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    nodeps = [x.strip() for x in (ROOT / "requirements-nodeps.txt").read_text().splitlines()
+              if x.strip() and not x.startswith("#")]
+    assert {x.split("==")[0] for x in nodeps} == {"insightface", "pypiqe"}
+    assert not any(d.startswith(("insightface", "pypiqe", "opencv-python==")) for d in deps)
+    assert "--no-deps -c requirements.lock -r requirements-nodeps.txt" in (ROOT / "setup.sh").read_text()
+    for name in IMAGES:
+        text = (ROOT / "docker" / name).read_text()
+        assert "requirements-nodeps.txt" in text.split("COPY . /build/src")[0] and \
+            re.search(r"pip install --no-deps -r requirements-nodeps\.txt", text), name
