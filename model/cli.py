@@ -75,6 +75,12 @@ def run_generate(args) -> int:
         feature_cli.precheck(args, args.frames)
     except ValueError as e:
         raise UserError(str(e)) from None
+    features = feature_cli.feature_kwargs(args)
+    if args.pose_keypoints:  # the user's own file, read here: generate() and the server take JSON text only
+        try:
+            features["pose_keypoints"] = Path(args.pose_keypoints).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--pose-keypoints {args.pose_keypoints}: {e}") from None
     if args.url:  # the server holds the weights, and advertises the sizes that suit them
         from motioncharacter.serving.client import MotionCharacterClient
 
@@ -96,7 +102,7 @@ def run_generate(args) -> int:
             intensity=args.intensity, id_scale=args.id_scale, motion_scale=args.motion_scale, steps=steps,
             guidance=args.guidance, frames=args.frames or d["frames"], height=args.height or d["height"],
             width=args.width or d["width"], seed=args.seed, face_index=args.face_index,
-            progress=lambda i, n: bar.update(i - bar.n), **feature_cli.feature_kwargs(args))
+            progress=lambda i, n: bar.update(i - bar.n), **features)
     from motioncharacter.video import write_video
 
     write_video(video, out, fps=args.fps)
@@ -108,8 +114,6 @@ def run_generate(args) -> int:
 def _remote_generate(url: str):
     """``generate`` with the same keywords, run on a Triton server: MotionCharacter requests through
     ``generate_remote`` (streamed progress over gRPC), feature requests through the client."""
-    from pathlib import Path
-
     from motioncharacter.serving.client import MotionCharacterClient, generate_remote
 
     def run(_pipe, *, mode="motioncharacter", progress=None, **kw):
@@ -117,8 +121,6 @@ def _remote_generate(url: str):
         features = {k: v for k, v in kw.items() if v not in (None, [], ())}
         if mode == "motioncharacter" and not any(k in features for k in _REQUEST_FEATURES):
             return generate_remote(url, progress=progress, **base)
-        if isinstance(features.get("pose_keypoints"), (str, Path)) and Path(features["pose_keypoints"]).is_file():
-            features["pose_keypoints"] = Path(features["pose_keypoints"]).read_text()  # the server gets the JSON
         image, prompt = base.pop("image"), base.pop("prompt")
         if base.get("face_index") is None:
             base.pop("face_index", None)

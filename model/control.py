@@ -29,24 +29,29 @@ KINDS = ("pose", "depth", "sparse")
 
 
 # ---- pose maps from keypoints --------------------------------------------------------------
-def parse_keypoints(data) -> list[np.ndarray]:
+def parse_keypoints(data, allow_path: bool = False) -> list[np.ndarray]:
     """OpenPose-style keypoint JSON -> per frame an array (people, 18, 3) of x, y in [0, 1] and confidence.
 
     Accepted: ``{"width": W, "height": H, "frames": [...]}`` (pixel coordinates on a W x H canvas) or
     a bare list of frames (coordinates normalised to [0, 1]). A frame is OpenPose's
     ``{"people": [{"pose_keypoints_2d": [x, y, c] * 18}]}`` or a list of people, each 18 [x, y(, c)].
-    ``data`` may be a path, a JSON string or the parsed object.
+    ``data`` is a JSON string or the parsed object; a path only with ``allow_path`` (the user's own
+    file on the command line): for a request, the answer must not depend on the server's files.
     """
-    if isinstance(data, (str, Path)) and not str(data).lstrip().startswith(("[", "{")):
+    if allow_path and isinstance(data, (str, Path)) and not str(data).lstrip().startswith(("[", "{")):
         p = Path(data)
         if not p.is_file():
             raise FileNotFoundError(f"pose keypoints {p}: no such file")
         data = p.read_text()
+    if isinstance(data, Path):
+        raise ValueError("pose keypoints must be OpenPose-style JSON text, not a path")
     if isinstance(data, (str, bytes)):
         try:
             data = json.loads(data)
         except json.JSONDecodeError as e:
             raise ValueError(f"pose keypoints are not valid JSON: {e}") from None
+        except RecursionError:  # "[[[[..." nested deeper than Python's stack
+            raise ValueError("pose keypoints JSON is nested too deeply") from None
     canvas = None
     if isinstance(data, dict):
         if "frames" not in data:
@@ -61,11 +66,17 @@ def parse_keypoints(data) -> list[np.ndarray]:
     frames = []
     for i, frame in enumerate(data):
         people = frame.get("people", []) if isinstance(frame, dict) else frame
+        if not isinstance(people, list):  # e.g. [5]: a frame must be a list of people
+            raise ValueError(f"pose keypoints frame {i}: expected a list of people or {{'people': [...]}}, "
+                             f"got {type(people).__name__}")
         arrs = []
         for person in people:
             if isinstance(person, dict):
                 person = person.get("pose_keypoints_2d", [])
-            a = np.asarray(person, dtype=np.float64)
+            try:
+                a = np.asarray(person, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ValueError(f"pose keypoints frame {i}: keypoints must be numbers") from None
             if a.ndim == 1 and a.size == NUM_KEYPOINTS * 3:
                 a = a.reshape(NUM_KEYPOINTS, 3)
             if a.ndim != 2 or a.shape[0] != NUM_KEYPOINTS or a.shape[1] not in (2, 3):
@@ -104,8 +115,9 @@ def render_pose(people: np.ndarray, height: int, width: int) -> np.ndarray:
     return img
 
 
-def pose_maps_from_keypoints(data, frames: int, height: int, width: int, name: str = "pose keypoints") -> np.ndarray:
-    kps = parse_keypoints(data)
+def pose_maps_from_keypoints(data, frames: int, height: int, width: int, name: str = "pose keypoints",
+                             allow_path: bool = False) -> np.ndarray:
+    kps = parse_keypoints(data, allow_path)
     if len(kps) != frames:
         raise ValueError(f"{name} has {len(kps)} frames but {frames} frames are requested (--frames)")
     return np.stack([render_pose(k, height, width) for k in kps])
@@ -117,32 +129,44 @@ def load_maps(video, frames: int, height: int, width: int, name: str) -> np.ndar
     uint8 at the output size; its frame count must equal ``frames``."""
     import cv2
 
-    if isinstance(video, (bytes, bytearray)):
-        import tempfile
-
-        with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
-            f.write(video)
-            f.flush()
-            return load_maps(f.name, frames, height, width, name)
     if isinstance(video, np.ndarray):
         arr = video
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
             raise ValueError(f"{name} must be uint8 frames (F, H, W, 3), got {arr.dtype} {list(arr.shape)}")
     else:
-        from motioncharacter.video import VideoError, open_video, read_frames
-
-        try:
-            vr = open_video(video)
-        except VideoError as e:
-            raise ValueError(f"{name}: {e}") from None
-        if len(vr) != frames:
-            raise ValueError(f"{name} has {len(vr)} frames but {frames} frames are requested (--frames)")
-        arr = read_frames(vr, list(range(len(vr))))
+        arr = _decode_maps(video, frames, height, width, name)
     if arr.shape[0] != frames:
         raise ValueError(f"{name} has {arr.shape[0]} frames but {frames} frames are requested (--frames)")
     if arr.shape[1:3] != (height, width):
         arr = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in arr])
     return arr
+
+
+def _decode_maps(video, frames: int, height: int, width: int, name: str) -> np.ndarray:
+    """Encoded bytes or a path -> (N, height, width, 3) uint8, N <= frames + 1 (one more tells a longer
+    video). The header is checked first; each frame is scaled to the output size as it is decoded,
+    so memory holds the output size, never the video's."""
+    import io
+
+    import av
+
+    from motioncharacter.video import check_video_header
+
+    check_video_header(video, name, max_frames=4 * frames)  # slack: a header's count may be an estimate
+    out = []
+    src = io.BytesIO(video) if isinstance(video, (bytes, bytearray)) else str(video)
+    try:
+        with av.open(src, options={"skip_frame": "all"}) as c:  # probe without decoding, as in the check
+            for frame in c.decode(c.streams.video[0]):
+                out.append(frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA"))
+                if len(out) > frames:
+                    break
+    except av.FFmpegError as e:
+        raise ValueError(f"{name}: decoding failed after {len(out)} frames ({str(e)[:120]})") from None
+    if len(out) != frames:
+        n = f"more than {frames}" if len(out) > frames else len(out)
+        raise ValueError(f"{name} has {n} frames but {frames} frames are requested (--frames)")
+    return np.stack(out)
 
 
 # ---- the ControlNet models -----------------------------------------------------------------

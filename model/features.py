@@ -52,7 +52,7 @@ class FeatureOptions:
     cloth_image: object = None          # cloth/body image prompt, dreamoving only
     cloth_weight: float | None = None   # alpha_c (default 1 with a cloth image)
     pose_video: object = None           # video of pose maps (path, bytes or (F, H, W, 3) uint8)
-    pose_keypoints: object = None       # OpenPose-style keypoint JSON (path, text or parsed)
+    pose_keypoints: object = None       # OpenPose-style keypoint JSON (text or parsed; never a path)
     depth_video: object = None          # video of depth maps
     pose_scale: float = 1.0
     depth_scale: float = 1.0

@@ -14,6 +14,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif", ".apng"}
 ANIMATED_SUFFIXES = {".gif", ".webp", ".png", ".apng"}  # decoded by Pillow, with per-frame durations
 MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb guard for user images
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what user images may be: every other decoder is attack surface
+VIDEO_CODECS = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mjpeg", "png", "gif")  # likewise for videos
+MAX_VIDEO_SECONDS = 60  # control videos last seconds; a header declaring hours is hostile or a mistake
 DEFAULT_FRAME_MS = 100  # browsers show a frame whose delay is missing or <= 10 ms for 100 ms
 CFR_TOLERANCE_S = 0.0015  # frame gaps this close count as one rate: 1-ms time bases round 1/fps
 _EPS = 1e-6  # seconds: float timestamps (decord's are float32) must not miss a frame's start
@@ -225,15 +228,67 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"image {p} does not exist")
+    check_image_header(p, f"image {p}", max_pixels)  # before decoding: a small file can declare gigapixels
     try:
         with Image.open(p) as im:
-            if im.width * im.height > max_pixels:
-                raise ValueError(f"image {p} is {im.width}x{im.height}, over the {max_pixels:,}-pixel limit")
             return np.asarray(im.convert("RGB"))
-    except ValueError:
-        raise
     except Exception as e:
         raise ValueError(f"image {p} is not a readable image ({e})") from None
+
+
+def check_image_header(source: bytes | str | Path, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) of an encoded image (bytes or a path) read from its header, nothing decoded.
+
+    Refuses formats outside IMAGE_FORMATS and images over ``max_pixels``; ``name`` starts each message."""
+    try:  # Image.open is lazy: it parses the header; pixels are decoded on first use only
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
+                        formats=IMAGE_FORMATS) as im:
+            (w, h), fmt = im.size, im.format
+    except Image.DecompressionBombError:  # over Pillow's own guard (2 x Image.MAX_IMAGE_PIXELS)
+        raise ValueError(f"{name} declares over {2 * Image.MAX_IMAGE_PIXELS:,} pixels, over the "
+                         f"{max_pixels:,}-pixel limit") from None
+    except Exception:
+        raise ValueError(f"{name} is not a readable image (expected PNG, JPEG, WebP or BMP)") from None
+    if w * h > max_pixels:
+        raise ValueError(f"{name} is {w}x{h} ({fmt}), over the {max_pixels:,}-pixel limit")
+    return w, h
+
+
+def check_video_header(source: bytes | str | Path, name: str, *, max_frames: int,
+                       max_pixels: int = MAX_IMAGE_PIXELS, max_seconds: float = MAX_VIDEO_SECONDS) -> VideoInfo:
+    """Size, rate and frame count of a video (encoded bytes or a path) from its container header.
+
+    Refuses what is costly or risky to decode before any decoder runs: a codec outside VIDEO_CODECS,
+    more than one video stream, frames over ``max_pixels``, more than ``max_frames`` frames or
+    ``max_seconds``, or a length the header does not tell. ``name`` starts each message."""
+    import av
+
+    try:
+        # skip_frame=all: ffmpeg's stream probe would otherwise decode frames (several, at full size)
+        with av.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source),
+                     options={"skip_frame": "all"}) as c:
+            streams = list(c.streams.video)
+            s = streams[0] if len(streams) == 1 else None
+            if s is not None:
+                codec, w, h = s.codec_context.name, s.codec_context.width, s.codec_context.height
+                fps = float(s.average_rate or s.guessed_rate or 0)
+                seconds = float(s.duration * s.time_base) if s.duration else (c.duration or 0) / av.time_base
+                frames = s.frames or int(math.ceil(seconds * fps))  # WebM/MKV headers hold no count
+    except Exception:
+        raise VideoError("unreadable", f"{name} is not a decodable video (corrupt, truncated or not a video)") from None
+    if s is None:
+        raise VideoError("unreadable", f"{name} has {len(streams)} video streams; send exactly one")
+    if codec not in VIDEO_CODECS:
+        raise VideoError("codec", f"{name} is {codec} video; accepted codecs: {', '.join(VIDEO_CODECS)}")
+    if w * h > max_pixels:
+        raise VideoError("size", f"{name} is {w}x{h} per frame, over the {max_pixels:,}-pixel limit")
+    if w * h == 0 or frames <= 0:
+        raise VideoError("unreadable", f"{name}: the header tells no frame size or length")
+    if frames > max_frames:
+        raise VideoError("length", f"{name} has {frames} frames, over the limit of {max_frames}")
+    if seconds > max_seconds:
+        raise VideoError("length", f"{name} lasts {seconds:.1f} s, over the limit of {max_seconds:g} s")
+    return VideoInfo(width=w, height=h, fps=fps, num_frames=frames)
 
 
 def resize_short(frames: np.ndarray, short: int) -> np.ndarray:

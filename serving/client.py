@@ -6,8 +6,10 @@
             ...  # Progress(step, total) per denoising step, then a Result
 
 A client object is not thread-safe (tritonclient's HTTP client is gevent-based): make one per thread.
-Only transient failures (connection refused/reset, UNAVAILABLE, queue full) are retried; an invalid
-request raises ``RemoteError`` (a ValueError) with the server's message at once.
+Only failures before the server took the request (connection refused/reset, UNAVAILABLE, queue full)
+are retried; a timeout is not (the server may be generating still: a retry would start over). An
+invalid request raises ``RemoteError`` (a ValueError) with the server's message at once; inputs over
+the server's byte limits (its ``limit_*`` parameters) are refused before sending.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from ..cli import UserError
 from .repository import MODEL, STREAM_MODEL
-from .request_args import INPUTS, LIST_INPUTS, model_defaults
+from .request_args import INPUTS, LIST_INPUTS, Limits, check_sizes, model_defaults
 
 
 class RemoteError(ValueError):
@@ -45,12 +47,30 @@ class Result:
     video: bytes | None = None  # mp4, when requested
 
 
-_TRANSIENT = ("UNAVAILABLE", "503", "502", "504", "Connection refused", "Connection reset", "failed to connect",
+# Failures before the server accepted the request: retrying is safe and may succeed.
+_TRANSIENT = ("UNAVAILABLE", "503", "502", "Connection refused", "Connection reset", "failed to connect",
               "Socket closed", "connection attempt timed out", "Exceeds maximum queue size")
+# gRPC's client-side deadline (timeout_s) passed: the server may be generating still.
+_DEADLINE = ("DEADLINE_EXCEEDED", "Deadline Exceeded")
+
+
+def _is_timeout(e: Exception) -> bool:
+    """No answer within timeout_s: a socket timeout (HTTP) or an exceeded deadline (gRPC)."""
+    return isinstance(e, TimeoutError) or any(t.lower() in f"{_status(e)} {e}".lower() for t in _DEADLINE)
+
+
+def _status(e: Exception) -> str:
+    status = getattr(e, "status", None)
+    return str(status() if callable(status) else status or "")
 
 
 def _is_transient(e: Exception) -> bool:
-    text = f"{getattr(e, 'status', lambda: '')()} {e}"
+    """Worth retrying. Not a timeout: a retry would run the whole generation again (4 x 600 s)."""
+    if _is_timeout(e):
+        return False
+    if isinstance(e, OSError):  # refused, reset, unreachable: the request never got in
+        return True
+    text = f"{_status(e)} {e}"
     if "time limit" in text:  # the server stopped a too-long generation: retrying would only repeat it
         return False
     return any(t.lower() in text.lower() for t in _TRANSIENT)
@@ -95,6 +115,7 @@ class MotionCharacterClient:
         self.retries, self.backoff_s = retries, backoff_s
         self._client = None
         self._batched: dict[str, bool] = {}
+        self._limits: dict[str, Limits] = {}
 
     # -- plumbing ----------------------------------------------------------------------------------
     def _module(self):
@@ -124,11 +145,13 @@ class MotionCharacterClient:
         for attempt in range(self.retries + 1):
             try:
                 return fn()
-            except InferenceServerException as e:
+            except (InferenceServerException, OSError) as e:  # ConnectionError, TimeoutError are OSErrors
+                if _is_timeout(e):
+                    raise ServerUnavailable(f"{what}: no answer from {self.protocol}://{self.address} within "
+                                            f"{self.timeout_s:g} s (timeout_s); not retried, as the server may "
+                                            "still be working on it") from None
                 if not _is_transient(e):
                     raise RemoteError(f"{what}: {e.message() or e}") from None
-                err = e
-            except (ConnectionError, OSError, TimeoutError) as e:
                 err = e
             if attempt < self.retries:
                 time.sleep(delay)
@@ -166,10 +189,19 @@ class MotionCharacterClient:
             return MessageToDict(cfg.config, preserving_proto_field_name=True)
         return cfg
 
+    def _params(self, model: str) -> dict[str, str]:
+        return {k: v.get("string_value", "") for k, v in self._config(model).get("parameters", {}).items()}
+
     def defaults(self, model: str | None = None) -> dict[str, int]:
         """The served model's native frames/height/width/steps (what a request without them gets)."""
-        params = {k: v.get("string_value", "") for k, v in self._config(model or self.model).get("parameters", {}).items()}
-        return model_defaults(params)
+        return model_defaults(self._params(model or self.model))
+
+    def limits(self, model: str | None = None) -> Limits:
+        """The served model's request limits (its ``limit_*`` parameters)."""
+        model = model or self.model
+        if model not in self._limits:
+            self._limits[model] = Limits.from_parameters(self._params(model))
+        return self._limits[model]
 
     def _inputs(self, model: str, image, prompt: str, params: dict) -> list:
         m = self._module()
@@ -178,18 +210,23 @@ class MotionCharacterClient:
         unknown = set(values) - set(INPUTS)
         if unknown:
             raise ValueError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
-        batched = self._is_batched(model)
-        out = []
+        arrays = {}
         for name, v in values.items():
             _, dtype, _, _ = INPUTS[name]
             if name in ("mix_image", "cloth_image", "pose_video", "depth_video") and not isinstance(v, bytes):
                 v = _image_bytes(v) if not isinstance(v, str) or v else b""  # arrays, paths, s3:// URIs
             if name == "sparse_images":
-                arr = np.array([x if isinstance(x, bytes) else _image_bytes(x) for x in v], dtype=dtype)
+                arrays[name] = np.array([x if isinstance(x, bytes) else _image_bytes(x) for x in v], dtype=dtype)
             elif name == "sparse_frames":
-                arr = np.array([int(x) for x in v], dtype=dtype)
+                arrays[name] = np.array([int(x) for x in v], dtype=dtype)
             else:
-                arr = np.array([v.encode() if isinstance(v, str) else v], dtype=dtype)
+                arrays[name] = np.array([v.encode() if isinstance(v, str) else v], dtype=dtype)
+        # The server's byte limits, checked here: an oversized request is not worth sending.
+        check_sizes({k: list(a) if k in LIST_INPUTS else a[0] for k, a in arrays.items()}, self.limits(model))
+        batched = self._is_batched(model)
+        out = []
+        for name, arr in arrays.items():
+            _, dtype, _, _ = INPUTS[name]
             if batched:
                 arr = arr[None]
             t = m.InferInput(name, list(arr.shape), "BYTES" if dtype is np.object_ else

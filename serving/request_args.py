@@ -1,15 +1,19 @@
 """Turn one Triton request's tensors into ``generate()`` keyword arguments, or say clearly what is wrong.
 
-Pure numpy: the Python backend calls it with a getter over the request's inputs, and tests call it
-directly. Every problem raises ValueError with a message that names the input and the limit.
+No model code: the Python backend calls it with a getter over the request's inputs, and tests call
+it directly. Every problem raises ValueError with a message that names the input and the limit.
+Sizes are checked before anything is decoded, and image/video headers before their pixels.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import numpy as np
+
+from motioncharacter.video import check_image_header, check_video_header
 
 # Input name -> (Triton type, numpy dtype, optional, default). Defaults follow
 # motioncharacter.model.inference.generate; the order is the order in config.pbtxt.
@@ -60,8 +64,11 @@ class Limits:
     max_resolution: int = 512        # largest height or width
     max_steps: int = 100
     max_prompt_chars: int = 1000
-    max_image_bytes: int = 20_000_000
-    max_image_pixels: int = 40_000_000
+    max_image_bytes: int = 20_000_000    # each encoded image
+    max_image_pixels: int = 40_000_000   # each image, and each frame of a control video
+    max_video_bytes: int = 20_000_000    # each control video (pose_video, depth_video) and pose_keypoints
+    max_video_seconds: int = 60          # control videos; their frame count is capped at 4 x max_frames
+    max_request_bytes: int = 64_000_000  # all inputs together
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> "Limits":
@@ -88,21 +95,63 @@ def _scalar(value: np.ndarray, name: str):
     return value.reshape(-1)[0]
 
 
-def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """Encoded PNG/JPEG/WebP/BMP bytes -> RGB uint8 (H, W, 3)."""
+# Per-input byte caps (Limits field names); every input also counts towards max_request_bytes.
+BYTE_LIMITS = {"image": "max_image_bytes", "mix_image": "max_image_bytes", "cloth_image": "max_image_bytes",
+               "sparse_images": "max_image_bytes", "pose_video": "max_video_bytes",
+               "depth_video": "max_video_bytes", "pose_keypoints": "max_video_bytes"}
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    return np.asarray(value).nbytes
+
+
+def check_sizes(values: dict, limits: Limits) -> None:
+    """Refuse an input, or a request, over its byte limit from sizes alone: before anything is decoded.
+
+    ``values``: input name -> value (a list for LIST_INPUTS). The client runs it before sending too."""
+    total = 0
+    for name, value in values.items():
+        items = list(value) if name in LIST_INPUTS else [value]
+        for i, item in enumerate(items):
+            n = _nbytes(item)
+            total += n
+            limit = BYTE_LIMITS.get(name)
+            if limit and n > getattr(limits, limit):
+                label = f"{name}[{i}]" if name in LIST_INPUTS else name
+                raise ValueError(f"input '{label}' is {n:,} bytes, over this server's limit of "
+                                 f"{getattr(limits, limit):,} ({limit})")
+    if total > limits.max_request_bytes:
+        raise ValueError(f"the request's inputs are {total:,} bytes together, over this server's limit of "
+                         f"{limits.max_request_bytes:,} (max_request_bytes)")
+
+
+def decode_image(data: bytes, max_bytes: int, max_pixels: int, name: str = "image") -> np.ndarray:
+    """Encoded PNG/JPEG/WebP/BMP bytes -> RGB uint8 (H, W, 3); the header is checked before decoding."""
     import cv2
 
     if not data:
-        raise ValueError("input 'image' is empty: send the reference portrait as encoded PNG/JPEG bytes")
+        raise ValueError(f"input '{name}' is empty: send an encoded PNG or JPEG image")
     if len(data) > max_bytes:
-        raise ValueError(f"input 'image' is {len(data):,} bytes, over this server's limit of {max_bytes:,}")
-    buf = np.frombuffer(data, np.uint8)
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError("input 'image' is not a decodable image (expected PNG, JPEG, WebP or BMP bytes)")
-    if bgr.shape[0] * bgr.shape[1] > max_pixels:
-        raise ValueError(f"input 'image' is {bgr.shape[1]}x{bgr.shape[0]}, over the {max_pixels:,}-pixel limit")
+        raise ValueError(f"input '{name}' is {len(data):,} bytes, over this server's limit of {max_bytes:,}")
+    # a 60 KB PNG can declare 9000x9000: refuse it before a decoder allocates the pixels
+    check_image_header(data, f"input '{name}'", max_pixels)
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:  # a valid header over truncated or corrupt pixel data
+        raise ValueError(f"input '{name}' is not a readable image (its pixel data does not decode)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+# Absolute paths and URIs (s3://bucket/key, file:///...): server internals a client must not see.
+_INTERNAL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]*|(?<![\w.~/-])~?/[^\s'\"(),:;]+")
+
+
+def scrub(message: str) -> str:
+    """``message`` with absolute paths and URIs replaced by <path> / <uri>, for error replies."""
+    return _INTERNAL.sub(lambda m: "<uri>" if "://" in m.group() else "<path>", message)
 
 
 SIZE_INPUTS = ("frames", "height", "width", "steps")  # absent: the served model's own defaults
@@ -134,6 +183,7 @@ def parse(get: Callable[[str], np.ndarray | None], limits: Limits, defaults: dic
             raw[name] = value.reshape(-1)[0] if name in BYTES_INPUTS else _text(value, name)
         else:
             raw[name] = _scalar(value, name).item()
+    check_sizes(raw, limits)
 
     image = raw["image"]
     if not isinstance(image, (bytes, bytearray)):
@@ -193,18 +243,19 @@ def parse_features(raw: dict, limits: Limits) -> dict:
         data = raw[name]
         data = data.encode() if isinstance(data, str) else bytes(data)
         if data:
-            kw[name] = decode_image(data, limits.max_image_bytes, limits.max_image_pixels)
+            kw[name] = decode_image(data, limits.max_image_bytes, limits.max_image_pixels, name)
     for name in ("pose_video", "depth_video"):
         data = raw[name]
         data = data.encode() if isinstance(data, str) else bytes(data)
-        if len(data) > 4 * limits.max_image_bytes:
-            raise ValueError(f"input '{name}' is {len(data):,} bytes, over this server's limit")
-        if data:
+        if data:  # decoded later, at the output size (control.load_maps); its header is checked now
+            check_video_header(data, f"input '{name}'", max_frames=4 * limits.max_frames,
+                               max_pixels=limits.max_image_pixels, max_seconds=limits.max_video_seconds)
             kw[name] = data
-    if raw["pose_keypoints"]:
-        if len(raw["pose_keypoints"]) > 4 * limits.max_image_bytes:
-            raise ValueError("input 'pose_keypoints' is over this server's size limit")
-        kw["pose_keypoints"] = raw["pose_keypoints"]
+    text = raw["pose_keypoints"]
+    if text:
+        if not text.lstrip().startswith(("[", "{")):  # never a path: a request must not reach the server's files
+            raise ValueError("input 'pose_keypoints' must be OpenPose-style JSON text")
+        kw["pose_keypoints"] = text
     for name in ("mix_ratio", "face_weight", "cloth_weight"):
         v = float(raw[name])
         if v != -1.0:
@@ -225,7 +276,8 @@ def parse_features(raw: dict, limits: Limits) -> dict:
         if len(images) > limits.max_frames:
             raise ValueError(f"{len(images)} SparseCtrl keyframes, over this server's limit of {limits.max_frames}")
         kw["sparse_images"] = [decode_image(d.encode() if isinstance(d, str) else bytes(d), limits.max_image_bytes,
-                                            limits.max_image_pixels) for d in images]
+                                            limits.max_image_pixels, f"sparse_images[{k}]")
+                               for k, d in enumerate(images)]
         kw["sparse_frames"] = frames
     v = float(raw["sparse_scale"])
     if not math.isfinite(v) or v < 0:

@@ -106,7 +106,7 @@ def test_pose_rendering_from_openpose_json(tmp_path):
            "frames": [{"people": [{"pose_keypoints_2d": kp.reshape(-1).tolist()}]}] * 3}
     f = tmp_path / "pose.json"
     f.write_text(json.dumps(doc))
-    maps = ctl.pose_maps_from_keypoints(str(f), 3, 64, 64)
+    maps = ctl.pose_maps_from_keypoints(str(f), 3, 64, 64, allow_path=True)
     assert maps.shape == (3, 64, 64, 3) and maps.dtype == np.uint8
     neck_hip = ctl.COLORS[ctl.LIMBS.index((1, 8))]
     # pixel coordinates are rescaled to the 64-wide map: x = 32 / 64 * 63 = 31.5 -> column 32 (rounded)

@@ -130,7 +130,7 @@ def _b(*items) -> np.ndarray:
 
 BAD = [
     ("empty image", dict(image=b""), "input 'image' is empty"),
-    ("not an image", dict(image=b"\x89PNG broken"), "not a decodable image"),
+    ("not an image", dict(image=b"\x89PNG broken"), "not a readable image"),
     ("no face", dict(image=np.full((96, 96, 3), 127, np.uint8)), "no face"),
     ("intensity NaN", dict(intensity=math.nan), "'intensity' must be a number in [0, 20], got nan"),
     ("intensity high", dict(intensity=21.0), "'intensity' must be a number in [0, 20], got 21.0"),
@@ -158,6 +158,50 @@ def test_bad_requests_get_clear_errors_and_server_stays_ready(triton, protocol):
             with pytest.raises(RemoteError, match="over this server's limit of 8"):
                 list(c.stream(face_image(), PROMPT, **{**TINY, "frames": 9}))
         assert c.generate(face_image(), PROMPT, **TINY).frames.shape[0] == TINY["frames"]
+
+
+def test_hostile_requests_are_refused_cheaply_and_server_stays_ready(triton, tmp_path):
+    """Decompression bombs, file paths, unwanted codecs and oversized inputs: refused by name."""
+    import av
+    from PIL import Image
+    from tritonclient.utils import InferenceServerException
+
+    buf = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(buf, "PNG")  # ~10 KB that decodes to 243 MB
+    mkv = tmp_path / "pose.mkv"
+    with av.open(str(mkv), "w") as out:
+        s = out.add_stream("ffv1", rate=8)
+        s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
+        for _ in range(8):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    with MotionCharacterClient(triton.http_url, timeout_s=120, retries=0) as c:
+        with pytest.raises(RemoteError, match=r"input 'image' .*over the 40,000,000-pixel limit"):
+            c.generate(buf.getvalue(), PROMPT, **TINY)
+        probes = []
+        for path in ("/etc/hostname", "/no/such/file"):
+            with pytest.raises(RemoteError) as e:
+                c.generate(face_image(), PROMPT, pose_keypoints=path, **TINY)
+            probes.append(str(e.value))
+        assert probes[0] == probes[1] and "input 'pose_keypoints' must be OpenPose-style JSON text" in probes[0]
+        with pytest.raises(RemoteError, match="input 'pose_video' is ffv1 video; accepted codecs: h264"):
+            c.generate(face_image(), PROMPT, pose_video=mkv.read_bytes(), **TINY)
+        huge = b"\0" * 20_000_001
+        with pytest.raises(ValueError, match=r"input 'pose_video' is 20,000,001 bytes, over this server's limit of "
+                                             r"20,000,000 \(max_video_bytes\)") as e:
+            c.generate(face_image(), PROMPT, pose_video=huge, **TINY)
+        assert not isinstance(e.value, RemoteError)  # the client refused it: nothing was sent
+        assert c.ready()
+    import cv2
+
+    good = _b(cv2.imencode(".png", face_image()[..., ::-1])[1].tobytes())
+    with pytest.raises(InferenceServerException, match=r"input 'pose_video' is 20,000,001 bytes.*max_video_bytes"):
+        _raw_infer(triton.http_url, {"image": (good, "BYTES"), "prompt": (_b(b"p"), "BYTES"),
+                                     "pose_video": (_b(huge), "BYTES")})  # straight to the server
+    with MotionCharacterClient(triton.http_url, timeout_s=120) as c:
+        assert c.ready()
 
 
 def test_wrong_dtype_shape_and_missing_inputs_are_refused_by_triton(triton):

@@ -44,7 +44,7 @@ def test_defaults_and_decoding():
 @pytest.mark.parametrize("values, message", [
     (dict(prompt="a"), "required input 'image' is missing"),
     (dict(image=b"", prompt="a"), "input 'image' is empty"),
-    (dict(image=b"not an image", prompt="a"), "not a decodable image"),
+    (dict(image=b"not an image", prompt="a"), "not a readable image"),
     (dict(image=IMAGE, prompt="   "), "input 'prompt' is empty"),
     (dict(image=IMAGE, prompt="x" * 21), "input 'prompt' is 21 characters long, over this server's limit of 20"),
     (dict(image=IMAGE, prompt="a", negative_prompt="x" * 21), "input 'negative_prompt' is 21 characters"),
