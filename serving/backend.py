@@ -9,8 +9,11 @@ video, and stops between steps when the client cancels or the server time limit 
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 import traceback
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 from .pipeline import inference_api
 from .repository import resolve_weights
-from .request_args import Limits, model_defaults, parse
+from .request_args import Limits, model_defaults, parse, scrub
 
 
 class _Stop(Exception):
@@ -33,14 +36,28 @@ def _error(message: str, code) -> "pb_utils.TritonError":
     return pb_utils.TritonError(message, code)
 
 
+def _exit_with_server(server_pid: int, every_s: float = 1.0) -> None:
+    """End this stub when tritonserver (its parent) is gone, e.g. killed: nobody will read a result,
+    and an orphan would hold the CPU for minutes, or spin forever sending progress to a dead
+    parent. A thread, because the generation may be blocked in exactly such a send."""
+    while os.getppid() == server_pid:
+        time.sleep(every_s)
+    os._exit(1)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         self.config = json.loads(args["model_config"])
+        threading.Thread(target=_exit_with_server, args=(os.getppid(),), daemon=True, name="server-watch").start()
         self.name = self.config["name"]
         params = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
         self.batched = self.config.get("max_batch_size", 0) > 0
         self.limits = Limits.from_parameters(params)
+        from PIL import Image
+
+        # Pillow's own bomb guard, in case any path opens an image unchecked (2x this: an error)
+        Image.MAX_IMAGE_PIXELS = self.limits.max_image_pixels
         self.defaults = model_defaults(params)
         self.fps = float(params.get("fps", "8"))
         self.time_limit = float(params.get("request_timeout_s", "600"))
@@ -109,9 +126,12 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn(f"{self.name}: {e}")
             return _error(str(e), e.code)
         if isinstance(e, ValueError):  # bad request, including FaceError: the client can fix it
-            return _error(str(e), pb_utils.TritonError.INVALID_ARG)
-        pb_utils.Logger.log_error(f"{self.name}: generation failed:\n{traceback.format_exc()}")
-        return _error(f"internal error during generation: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL)
+            return _error(scrub(str(e)), pb_utils.TritonError.INVALID_ARG)
+        # The text may hold s3:// URIs and local paths: only the log gets it, under an id to quote.
+        error_id = uuid.uuid4().hex[:8]
+        pb_utils.Logger.log_error(f"{self.name}: generation failed (error id {error_id}):\n{traceback.format_exc()}")
+        return _error(f"internal error during generation (error id {error_id}: see the server log)",
+                      pb_utils.TritonError.INTERNAL)
 
     # -- Triton entry points ---------------------------------------------------------------------
     def execute(self, requests):

@@ -23,6 +23,25 @@ from ..stack import free_port  # noqa: F401 (one helper for every loopback servi
 log = logging.getLogger(__name__)
 
 
+# APIs a client of the model never needs: loading/unloading models, registering shared memory
+# (a client could point the server at memory regions), tracing and log settings. Calls to them
+# must carry this header with the admin key.
+RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
+ADMIN_HEADER = "triton-admin-key"
+ADMIN_KEY_ENV = "MOTIONCHARACTER_TRITON_ADMIN_KEY"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it dies (even by SIGKILL), so
+    `serve` never leaves a server running under init. Not SIGTERM: with a generation in flight,
+    Triton's clean shutdown waits for the Python stub and then hangs past its own exit timeout
+    (seen here). Its stubs end themselves when it is gone (backend._exit_with_server)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class ServerError(RuntimeError):
     """tritonserver could not start, or did not become ready; the message holds its last log lines."""
 
@@ -102,6 +121,9 @@ class TritonServer:
         self.exit_timeout_s = exit_timeout_s
         self.extra_args = tuple(extra_args)
         self.proc: subprocess.Popen | None = None
+        import secrets
+
+        self._random_key = secrets.token_hex(16)
 
     @property
     def http_url(self) -> str:
@@ -115,9 +137,13 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
-    def command(self) -> list[str]:
+    def command(self, redact: bool = False) -> list[str]:
+        # without a configured admin key, a random one per start: the restricted APIs are simply off
+        key = "****" if redact else os.environ.get(ADMIN_KEY_ENV) or self._random_key
+        restricted = f"{RESTRICTED_APIS}:{ADMIN_HEADER}={key}"
         return [
             str(tritonserver_binary()),
+            f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
             f"--model-repository={triton_repository_uri(self.repository)}",
             f"--backend-directory={backend_dir()}",
             f"--http-address={self.host}", f"--http-port={self.http_port}",
@@ -136,11 +162,11 @@ class TritonServer:
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log_file, "ab")
-        log.info("starting tritonserver: %s", " ".join(self.command()))
+        log.info("starting tritonserver: %s", " ".join(self.command(redact=True)))
         # Own session: a last-resort kill reaches the Python stubs too, and Ctrl-C in a terminal
         # goes to us first so we can stop the server cleanly.
         self.proc = subprocess.Popen(self.command(), env=server_env(), stdout=out, stderr=subprocess.STDOUT if out else None,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         if out:
             out.close()
         if wait:
