@@ -40,6 +40,11 @@ def add_commands(sub) -> None:
                    help="insightface model pack for ArcFace embeddings (default: the offline SFace model)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of the written video")
+    from .schedulers import SCHEDULERS
+
+    p.add_argument("--scheduler", choices=SCHEDULERS,
+                   help="sampler: ddim (the weights' own, default), dpm++ (DPM-Solver++: similar output in about "
+                        "half the steps, see README), lcm (AnimateLCM-type weights); with --url, chosen at deploy")
     from .feature_cli import add_arguments
 
     add_arguments(p)  # --mode, identity mixing, Content Guider, ControlNets, long videos, base checkpoint
@@ -87,7 +92,7 @@ def run_generate(args) -> int:
         deploy_time = [k for k, v in feature_cli.load_kwargs(args).items() if v]
         if deploy_time:
             raise UserError(f"--url: {', '.join(deploy_time)} are chosen when the server is deployed "
-                            "(`motioncharacter deploy --base-checkpoint`, ControlNets in the weights folder)")
+                            "(`motioncharacter deploy --base-checkpoint/--scheduler`, ControlNets in the weights folder)")
         with MotionCharacterClient(args.url) as client:
             pipe, d = None, {"steps": 25, "frames": 16, "height": 512, "width": 512, **client.defaults()}
         generate = _remote_generate(args.url)

@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_kwargs(args) -> dict:
     cn = {k: v for k, v in (("pose", args.pose_controlnet), ("depth", args.depth_controlnet),
                             ("sparse", args.sparsectrl)) if v}
-    return dict(base_checkpoint=args.base_checkpoint, controlnets=cn)
+    return dict(base_checkpoint=args.base_checkpoint, controlnets=cn, scheduler=args.scheduler)
 
 
 def feature_kwargs(args) -> dict:

@@ -121,7 +121,7 @@ def _weight(name: str, v) -> float:
 # ---- loading ---------------------------------------------------------------------------------
 def load_pipeline(weights: str | None = None, preset: str | None = None, device: str = "cpu",
                   arcface_pack: str | None = None, base_checkpoint: str | None = None,
-                  controlnets: dict[str, str] | None = None):
+                  controlnets: dict[str, str] | None = None, scheduler: str | None = None):
     """``inference.load_pipeline`` plus: a community SD1.5 checkpoint as the base (``base_checkpoint``:
     diffusers folder or single-file .safetensors) and explicit ControlNet folders
     (``controlnets={"pose"|"depth"|"sparse": uri}``; default: the weights folder's controlnet_pose/,
@@ -131,7 +131,7 @@ def load_pipeline(weights: str | None = None, preset: str | None = None, device:
     for kind in controlnets or {}:
         if kind not in ctl.KINDS:
             raise ValueError(f"unknown ControlNet kind {kind!r}; choose from {', '.join(ctl.KINDS)}")
-    pipe = base_load(weights=weights, preset=preset, device=device, arcface_pack=arcface_pack)
+    pipe = base_load(weights=weights, preset=preset, device=device, arcface_pack=arcface_pack, scheduler=scheduler)
     if base_checkpoint:
         from .community import apply_base_checkpoint, base_unet_config
 

@@ -17,13 +17,14 @@ logger = logging.getLogger("motioncharacter.model")
 
 
 def load_pipeline(weights: str | None = None, preset: str | None = None, device: str = "cpu",
-                  arcface_pack: str | None = None) -> MotionCharacterPipeline:
+                  arcface_pack: str | None = None, scheduler: str | None = None) -> MotionCharacterPipeline:
     """A ready MotionCharacterPipeline from a weights folder / s3:// URI, or ``preset="tiny"``.
 
     Face embeddings come from ArcFace when ``arcface_pack`` (a folder or s3:// URI holding an
     insightface recognition .onnx) is given, else from the offline SFace model; the name
     is in ``pipe.face_embedder.name``. A weights folder without adapter/ gets a fresh,
-    zero-output adapter (the base AnimateDiff behaviour) and a warning.
+    zero-output adapter (the base AnimateDiff behaviour) and a warning. ``scheduler``: one of
+    ``model.schedulers.SCHEDULERS`` (default: the weights' own, DDIM).
     """
     from motioncharacter.faces import embedder
 
@@ -56,6 +57,9 @@ def load_pipeline(weights: str | None = None, preset: str | None = None, device:
     pipe = MotionCharacterPipeline(**{k: v for k, v in parts.items() if k != "info"})
     pipe.face_embedder = face
     pipe.defaults = native_defaults(pipe.unet.config.sample_size, pipe.vae_scale_factor, parts.get("info"))
+    from .schedulers import use_scheduler
+
+    use_scheduler(pipe, scheduler)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

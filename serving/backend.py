@@ -77,7 +77,8 @@ class TritonPythonModel:
 
             base = str(local_copy(base))
         self.pipe = self.api.load_pipeline(weights=weights, preset=params.get("preset") or None, device=device,
-                                           arcface_pack=params.get("arcface_pack") or None, base_checkpoint=base)
+                                           arcface_pack=params.get("arcface_pack") or None, base_checkpoint=base,
+                                           scheduler=params.get("scheduler") or None)
         self.defaults = {**self.pipe.defaults, **self.defaults}  # a repository written before deploy recorded them
         pb_utils.Logger.log_info(f"{self.name}: pipeline loaded on {device} "
                                  f"(weights={weights or '-'}, preset={params.get('preset') or '-'})")

@@ -24,6 +24,12 @@ def add_commands(sub) -> None:
     p.add_argument("--base-checkpoint", metavar="URI",
                    help="community SD1.5 checkpoint as the base (diffusers folder or single-file .safetensors; "
                         "local paths are resolved to absolute, s3:// is read by the server)")
+    from ..model.schedulers import SCHEDULERS
+
+    p.add_argument("--scheduler", choices=SCHEDULERS,
+                   help="sampler the server uses (default: the weights' own, DDIM); see `generate --scheduler`")
+    p.add_argument("--steps", type=int, default=0,
+                   help="default denoising steps of a request that sends none (default: the model's own)")
     p.add_argument("--kind", choices=["cpu", "gpu"], default="cpu",
                    help="instance group kind: gpu on clusters, cpu locally (default: cpu)")
     p.add_argument("--instances", type=int, default=1, help="model instances per device, each loads the pipeline")
@@ -68,6 +74,7 @@ def _deploy(args: argparse.Namespace) -> int:
         weights=args.weights, preset=args.preset, copy_weights=args.copy_weights, arcface_pack=args.arcface_pack,
         base_checkpoint=(args.base_checkpoint if not args.base_checkpoint or "://" in args.base_checkpoint
                          else str(Path(args.base_checkpoint).resolve())),
+        scheduler=args.scheduler or "", default_steps=args.steps,
         kind=args.kind, instances=args.instances, max_batch_size=args.max_batch_size,
         max_queue_size=args.max_queue_size, queue_timeout_s=args.queue_timeout,
         request_timeout_s=args.request_timeout, version=args.version, version_policy=args.version_policy,

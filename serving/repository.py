@@ -39,6 +39,8 @@ class DeployOptions:
     copy_weights: bool = False        # copy weights into the repository instead of referencing them
     arcface_pack: str | None = None
     base_checkpoint: str | None = None  # community SD1.5 base: diffusers folder or single-file .safetensors
+    scheduler: str = ""               # "" = the weights' own (DDIM); ddim | dpm++ | lcm
+    default_steps: int = 0            # steps of a request that sends none; 0 = the model's own
     kind: str = "cpu"                 # instance group: "cpu" locally, "gpu" on clusters
     instances: int = 1                # model instances per device (each loads the pipeline once)
     max_batch_size: int = 1           # requests Triton may hand one execute() call (run one by one)
@@ -53,6 +55,12 @@ class DeployOptions:
     def check(self) -> None:
         if bool(self.weights) == bool(self.preset):
             raise ValueError("give exactly one of --weights URI or --preset NAME")
+        from ..model.schedulers import SCHEDULERS
+
+        if self.scheduler and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.default_steps < 0:
+            raise ValueError(f"--steps must be >= 0 (0 = the model's own), got {self.default_steps}")
         if self.kind not in ("cpu", "gpu"):
             raise ValueError(f"--kind must be cpu or gpu, got {self.kind!r}")
         for name in ("instances", "max_batch_size", "max_queue_size", "version", "fps"):
@@ -122,8 +130,11 @@ def export_repository(dest: str, opts: DeployOptions) -> str:
     if opts.weights and not storage.is_s3(opts.weights) and not Path(opts.weights).exists():
         raise FileNotFoundError(f"--weights {opts.weights} does not exist")
     # the model's native size and default frames/steps: clients that send none get these
-    native = {f"default_{k}": str(v) for k, v in weights_defaults(opts.weights, opts.preset).items()}
-    params = {"preset": opts.preset or "", "arcface_pack": opts.arcface_pack or "", **native,
+    native = weights_defaults(opts.weights, opts.preset)
+    if opts.default_steps:
+        native["steps"] = opts.default_steps
+    params = {"preset": opts.preset or "", "arcface_pack": opts.arcface_pack or "", "scheduler": opts.scheduler,
+              **{f"default_{k}": str(v) for k, v in native.items()},
               "base_checkpoint": opts.base_checkpoint or "",
               "fps": str(opts.fps), "request_timeout_s": str(opts.request_timeout_s), **opts.limits.as_parameters()}
 

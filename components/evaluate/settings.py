@@ -24,6 +24,7 @@ class GenerationSettings:
     height: int = 0
     width: int = 0
     guidance: float = 8.0
+    scheduler: str = ""      # "" = the weights' own (DDIM); ddim | dpm++ | lcm (model/schedulers.py)
     id_scale: float = 1.0
     motion_scale: float = 1.0
     fps: float = 8.0

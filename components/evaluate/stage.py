@@ -109,7 +109,8 @@ def _model_fingerprint(weights: str | None, preset: str | None) -> str:
 def _item_key(item, gen: dict, cfg: EvalConfig, model: str) -> str:
     from dataclasses import asdict
 
-    blob = json.dumps([item.to_dict(), gen, asdict(cfg.metrics), model], sort_keys=True, default=str)
+    blob = json.dumps([item.to_dict(), gen, asdict(cfg.metrics), model] +
+                      ([cfg.generation.scheduler] if cfg.generation.scheduler else []), sort_keys=True, default=str)
     return f"{item.id}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -154,7 +155,8 @@ def evaluate(eval_set: str, output: str, cfg: EvalConfig, *, weights: str | None
     bank_version, bank = load_prompt_bank(cfg.evalset.prompt_bank)
     items = build_items(portraits, bank, cfg.evalset, limit)
     m = cfg.metrics
-    pipe = load_pipeline(weights=weights, preset=preset, device=device, arcface_pack=m.arcface_pack or None)
+    pipe = load_pipeline(weights=weights, preset=preset, device=device, arcface_pack=m.arcface_pack or None,
+                         scheduler=cfg.generation.scheduler or None)
     scorer = Scorer(m, flow_short_side=m.flow_short_side)
     g = cfg.generation
     gen = dict(frames=g.frames, steps=g.steps or pipe.defaults["steps"], height=g.height or pipe.defaults["height"],
