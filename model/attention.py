@@ -98,7 +98,10 @@ def _per_frame(keep: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
 
 
 def _any_on(keep: torch.Tensor | None) -> bool:
-    return keep is None or bool((keep != 0).any())
+    """Whether a branch must run. While training (gradients on) always: every rank of a distributed
+    run must produce gradients for the same weights in the same order (ZeRO/DDP all-reduce them as
+    buckets), whatever its own samples dropped; a dropped sample's branch is zeroed by its keep."""
+    return keep is None or torch.is_grad_enabled() or bool((keep != 0).any())
 
 
 class MCLayer(nn.Module):

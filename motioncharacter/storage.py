@@ -183,22 +183,38 @@ def ensure_bucket(bucket: str) -> None:
     _known_buckets.add((endpoint(), bucket))
 
 
-def _is_object(uri: str) -> bool:
+def _stat(uri: str):
+    """The object an s3:// URI names (minio's Object: name, size, ETag), or None."""
     from minio.error import S3Error
 
     bucket, key = parse_s3(uri)
     if not key or key.endswith("/"):
-        return False
+        return None
     c = client()
     try:
-        _retry(f"stat {uri}", lambda: c.stat_object(bucket, key))
-        return True
+        return _retry(f"stat {uri}", lambda: c.stat_object(bucket, key))
     except S3Error as e:
         if e.code in ("NoSuchKey", "NoSuchObject", "NoSuchBucket"):
-            return False
+            return None
         raise _s3_error(f"stat {uri}", e) from e
     except ValueError as e:
         raise _s3_error(f"stat {uri}", e) from e
+
+
+def _is_object(uri: str) -> bool:
+    return _stat(uri) is not None
+
+
+def _objects(uri: str) -> list:
+    """What an s3:// URI names: [the object], or every object under it as a prefix, by name."""
+    obj = _stat(uri)
+    if obj is not None:
+        return [obj]
+    bucket, prefix = parse_s3(uri)
+    c = client()
+    pre = prefix.rstrip("/") + "/" if prefix else ""
+    objs = _s3_call(f"listing {uri}", lambda: list(c.list_objects(bucket, prefix=pre, recursive=True)))
+    return sorted((o for o in objs if not o.is_dir), key=lambda o: o.object_name)
 
 
 def exists(uri: str) -> bool:
@@ -307,16 +323,8 @@ def list_files(uri: str) -> Iterator[str]:
             raise StorageError(f"{uri} does not exist")
         yield from (str(f) for f in sorted(p.rglob("*")) if f.is_file())
         return
-    bucket, prefix = parse_s3(uri)
-    c = client()
-    if _is_object(uri):
-        yield uri
-        return
-    pre = prefix.rstrip("/") + "/" if prefix else ""
-    objs = _s3_call(f"listing {uri}", lambda: list(c.list_objects(bucket, prefix=pre, recursive=True)))
-    for o in sorted(objs, key=lambda o: o.object_name):
-        if not o.is_dir:
-            yield f"s3://{bucket}/{o.object_name}"
+    bucket = parse_s3(uri)[0]
+    yield from (f"s3://{bucket}/{o.object_name}" for o in _objects(uri))
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> int:
@@ -348,26 +356,73 @@ def cache_dir() -> Path:
 
 @contextlib.contextmanager
 def local_file(uri: str) -> Iterator[Path]:
-    """A local path for one file for the duration of a ``with`` block (a temp download for s3://)."""
+    """A local path for a file or folder for the duration of a ``with`` block: the path itself,
+    or for s3:// a download of the caller's own, removed at the end of the block."""
     if not is_s3(uri):
         yield Path(uri)
         return
     with tempfile.TemporaryDirectory(prefix="mc-", dir=cache_dir()) as d:
-        yield download_file(uri, Path(d) / Path(parse_s3(uri)[1]).name)
+        yield local_copy(uri, d)
 
 
 def local_copy(uri: str, workdir: str | Path | None = None) -> Path:
-    """A local path for a URI: the path itself, or a download of the object/prefix."""
+    """A local path for a URI: the path itself, or a download of the object/prefix.
+
+    Into ``workdir`` when given (the caller's to remove; ``local_file`` removes it for you), else
+    into the shared download cache, where every process of a node and every restart finds the
+    same copy (``_cached``)."""
     if not is_s3(uri):
         p = Path(uri)
         if not p.exists():
             raise StorageError(f"{uri} does not exist")
         return p
-    bucket, key = parse_s3(uri)
-    target = Path(workdir or tempfile.mkdtemp(prefix="mc-", dir=cache_dir())) / bucket / key
-    files = list(list_files(uri))
-    if not files:
+    objs = _objects(uri)
+    if not objs:
         raise StorageError(f"{uri} holds no objects")
-    if files == [uri]:
+    if workdir:
+        bucket, key = parse_s3(uri)
+        return _download(uri, objs, Path(workdir) / bucket / key)
+    return _cached(uri, objs)
+
+
+def _download(uri: str, objs: list, target: Path) -> Path:
+    """The listed objects of ``uri`` (one object, or a prefix's) under ``target``."""
+    bucket, key = parse_s3(uri)
+    if len(objs) == 1 and objs[0].object_name == key:
         return download_file(uri, target)
-    return download_dir(uri, target)
+    base = key.rstrip("/") + "/" if key else ""
+    for o in objs:
+        download_file(f"s3://{bucket}/{o.object_name}", target / o.object_name[len(base):])
+    return target
+
+
+def _cached(uri: str, objs: list) -> Path:
+    """``cache_dir()/s3/<digest>/<name>``, keyed by the URI and its objects' names, sizes and
+    ETags: changed content gets a new entry, the same content is downloaded once. The first
+    process to take the entry's lock downloads into a temporary sibling and renames it into
+    place, so an entry is complete or absent (a crash leaves only a .partial, removed by the
+    next download); the others wait on the lock and then find it."""
+    import fcntl
+    import hashlib
+
+    h = hashlib.sha256(uri.encode())
+    for o in objs:
+        h.update(f"\0{o.object_name}\0{o.size}\0{o.etag}".encode())
+    digest = h.hexdigest()[:32]
+    root = cache_dir() / "s3"
+    root.mkdir(exist_ok=True)
+    entry = root / digest
+    name = Path(parse_s3(uri)[1].rstrip("/")).name or parse_s3(uri)[0]
+    with open(root / f"{digest}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not entry.is_dir():
+            for stale in root.glob(f".{digest}.partial-*"):  # a crashed download's leftovers
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.partial-", dir=root))
+            try:
+                _download(uri, objs, tmp / name)
+                os.rename(tmp, entry)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    return entry / name

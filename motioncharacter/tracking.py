@@ -6,17 +6,21 @@ working directory, ``mlflow.db``, named by its absolute path (MLflow caches stor
 relative ``sqlite:///mlflow.db`` would keep writing to the first working directory's file).
 
 Stages log through ``log_params`` (flattened, secrets refused), ``log_metrics`` and
-``log_artifact`` (a local file or folder, or an s3:// URI) inside ``run(...)``.
+``log_artifact`` (a local file or folder, or an s3:// URI) inside ``run(...)``. A long job
+(training) logs through a ``Guard``, which an unreachable server cannot stop.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import logging
 import os
 import re
+import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from .cli import UserError
 
@@ -145,11 +149,16 @@ def log_metrics(values: Mapping[str, Any], step: int | None = None, prefix: str 
     """Log the numeric leaves of a (nested) dict as metrics; returns what was logged."""
     import mlflow
 
-    metrics = {k: float(v) for k, v in flatten(values, prefix).items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = numeric(values, prefix)
     if metrics:
         mlflow.log_metrics(metrics, step=step)
     return metrics
+
+
+def numeric(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a (nested) dict, flattened, as floats."""
+    return {k: float(v) for k, v in flatten(values, prefix).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def log_artifact(path: str | os.PathLike, artifact_path: str | None = None) -> None:
@@ -158,10 +167,135 @@ def log_artifact(path: str | os.PathLike, artifact_path: str | None = None) -> N
 
     from . import storage
 
-    local = storage.local_copy(str(path)) if storage.is_s3(path) else Path(path)
-    if local.is_dir():
-        mlflow.log_artifacts(str(local), artifact_path)
-    elif local.is_file():
-        mlflow.log_artifact(str(local), artifact_path)
-    else:
-        raise FileNotFoundError(f"cannot log {path} as an artifact: it does not exist")
+    with storage.local_file(str(path)) as local:  # an s3:// copy only for as long as the upload takes
+        if local.is_dir():
+            mlflow.log_artifacts(str(local), artifact_path)
+        elif local.is_file():
+            mlflow.log_artifact(str(local), artifact_path)
+        else:
+            raise FileNotFoundError(f"cannot log {path} as an artifact: it does not exist")
+
+
+# MLflow error codes that mean "the server is down or overloaded, try later" (a refused
+# connection arrives as INTERNAL_ERROR); any other code is a refusal that retrying cannot fix.
+TRANSIENT_CODES = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED")
+BATCH_METRICS = 1000  # MLflow's limit on metrics per log_batch
+
+
+class _Unsent(Exception):
+    pass
+
+
+def _transient(e: Exception) -> bool:
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, MlflowException):
+        return e.error_code in TRANSIENT_CODES
+    if isinstance(e, requests.RequestException):  # artifact uploads (HTTP artifact proxy)
+        status = getattr(e.response, "status_code", None)
+        return status is None or status >= 500
+    return isinstance(e, (ConnectionError, TimeoutError))
+
+
+class Guard:
+    """Tracking calls for the active run that an unreachable server cannot stop.
+
+    Each call is tried ``tries`` times; what could not be sent waits in memory (metric points:
+    the newest ``max_points``; other calls: the newest ``max_calls``) and goes out, oldest
+    first, once the server answers again: tried again on a later call (at most every
+    ``retry_every`` seconds while it is down, so a hanging server costs little) and on
+    ``flush(force=True)`` (checkpoints, the end). One warning per outage. A call the server
+    refuses (a 4xx: a bad value, a deleted run) is dropped with a warning, not retried.
+    """
+
+    def __init__(self, run_id: str, tries: int = 2, backoff: float = 0.5, max_points: int = 10_000,
+                 max_calls: int = 100, retry_every: float = 30.0, client=None):
+        from mlflow.tracking import MlflowClient
+
+        # MLflow's own client retries a refused connection 7 times with backoff (minutes per call)
+        # and waits 120 s for an answer: the guard's retries are the short ones.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.run_id, self.client = run_id, client or MlflowClient()  # default: the current tracking URI
+        self.tries, self.backoff, self.retry_every = tries, backoff, retry_every
+        self.points: collections.deque = collections.deque(maxlen=max_points)
+        self.calls: collections.deque = collections.deque(maxlen=max_calls)
+        self.buffered = self.dropped = self.calls_dropped = self.outages = 0  # metric points / calls
+        self.down_since: float | None = None
+        self._last_try = 0.0
+
+    def metrics(self, values: Mapping[str, Any], step: int) -> bool:
+        """Log the numeric leaves of ``values`` at ``step``; True when they reached the server."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)  # the time of the step, also when it is sent later
+        new = [Metric(k, v, now, step) for k, v in numeric(values).items()]
+        self.dropped += max(0, len(self.points) + len(new) - self.points.maxlen)  # the deque drops the oldest
+        self.points.extend(new)
+        sent = self.flush()
+        if not sent:
+            self.buffered += len(new)
+        return sent
+
+    def call(self, what: str, fn: Callable, *args, **kwargs) -> bool:
+        """``fn(*args, **kwargs)`` (params, a tag, an artifact, the end of the run); True when done."""
+        if len(self.calls) == self.calls.maxlen:
+            self.calls_dropped += 1
+        self.calls.append((what, functools.partial(fn, *args, **kwargs)))
+        return self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """Send what waits; True when nothing is left."""
+        if not (self.points or self.calls):
+            return True
+        if self.down_since is not None and not force and time.monotonic() - self._last_try < self.retry_every:
+            return False
+        self._last_try = time.monotonic()
+        try:
+            while self.calls:
+                what, fn = self.calls[0]
+                if not self._send(what, fn):
+                    self.calls_dropped += 1
+                self.calls.popleft()
+            while self.points:
+                batch = [self.points[i] for i in range(min(BATCH_METRICS, len(self.points)))]
+                if not self._send("metrics", lambda: self.client.log_batch(self.run_id, metrics=batch)):
+                    self.dropped += len(batch)
+                for _ in batch:
+                    self.points.popleft()
+        except _Unsent:
+            return False
+        if self.down_since is not None:
+            log.warning("MLflow tracking server %s answers again after %.0f s; the buffered data was sent",
+                        self.client.tracking_uri, time.monotonic() - self.down_since)
+            self.down_since = None
+        return True
+
+    def _send(self, what: str, fn: Callable) -> bool:
+        """True when sent, False when the server refused it; raises _Unsent when it is unreachable."""
+        tries = 1 if self.down_since is not None else self.tries  # already down: one look per flush
+        for attempt in range(tries):
+            try:
+                fn()
+                return True
+            except Exception as e:
+                if not _transient(e):
+                    log.warning("MLflow refused %s (%s); dropped", what, str(e)[:300])
+                    return False
+                err = e
+            if attempt < tries - 1:
+                time.sleep(self.backoff * 2 ** attempt)
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self.outages += 1
+            log.warning("MLflow tracking server %s is unreachable (%s); training goes on and keeps up to %d "
+                        "metric points in memory until it is back", self.client.tracking_uri, str(err)[:200],
+                        self.points.maxlen)
+        raise _Unsent from err
+
+    def summary(self) -> str:
+        """One line for the end of the job: what waited, and what never reached the server."""
+        lost, calls_lost = self.dropped + len(self.points), self.calls_dropped + len(self.calls)
+        return (f"MLflow tracking: {self.outages} outage(s), {self.buffered} metric points buffered, {lost} dropped, "
+                f"{calls_lost} other call(s) dropped")

@@ -8,11 +8,10 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from train_fixtures import prepared, train_cmd, train_env
+from train_fixtures import latest, losses, prepared, run_train, train_cmd, train_env
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -23,28 +22,12 @@ def prep(tmp_path_factory):
     return prepared(tmp_path_factory)
 
 
-def _run(cmd, env, timeout=600):
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    return p.returncode, p.stdout + p.stderr
-
-
-def losses(out: Path) -> dict[int, float]:
-    """step -> loss; a step logged twice (killed after it, resumed before it) keeps the later value."""
-    rows = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
-
-
-def latest(out: Path) -> str | None:
-    f = out / "checkpoints" / "latest"
-    return f.read_text().strip() if f.is_file() else None
-
-
 @pytest.fixture(scope="module")
 def baseline(prep, tmp_path_factory):
     """The uninterrupted run: STEPS steps, a checkpoint every 2."""
     tmp = tmp_path_factory.mktemp("train-base")
     out = tmp / "out"
-    rc, log = _run(train_cmd(prep / "manifest.jsonl", out, STEPS, "--set", "train.checkpoint_every=2"),
+    rc, log = run_train(train_cmd(prep / "manifest.jsonl", out, STEPS, "--set", "train.checkpoint_every=2"),
                    train_env(tmp))
     assert rc == 0, log[-3000:]
     return out
@@ -78,7 +61,7 @@ def test_uninterrupted_run_outputs(baseline):
 
 
 def test_refuses_to_overwrite_checkpoints_without_resume(prep, baseline, tmp_path):
-    rc, log = _run(train_cmd(prep / "manifest.jsonl", baseline, STEPS), train_env(tmp_path))
+    rc, log = run_train(train_cmd(prep / "manifest.jsonl", baseline, STEPS), train_env(tmp_path))
     assert rc == 1 and "--resume" in log
 
 
@@ -95,7 +78,7 @@ def test_sigkill_then_resume_repeats_the_losses(prep, baseline, tmp_path):
         p.wait(60)
     ck = latest(out)
     assert ck == "step-00000002", f"expected to kill after the first checkpoint, found {ck}"
-    rc, log = _run(cmd + ["--resume"], env)
+    rc, log = run_train(cmd + ["--resume"], env)
     assert rc == 0, log[-3000:]
     assert "resumed from step-00000002 at step 2" in log
     want, got = losses(baseline), losses(out)
@@ -119,7 +102,7 @@ def test_sigterm_saves_a_checkpoint_then_resumes(prep, baseline, tmp_path):
     last = max(losses(out))
     assert latest(out) == f"step-{last:08d}" and last < 50  # saved although checkpoint_every is 100
     if last < STEPS:  # and the checkpoint resumes to the uninterrupted run's losses
-        rc, log = _run(train_cmd(prep / "manifest.jsonl", out, STEPS, "--resume"), env)
+        rc, log = run_train(train_cmd(prep / "manifest.jsonl", out, STEPS, "--resume"), env)
         assert rc == 0, log[-3000:]
         assert [losses(out)[s] for s in range(last + 1, STEPS + 1)] == \
             [losses(baseline)[s] for s in range(last + 1, STEPS + 1)]
@@ -132,7 +115,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(prep, baseline, tmp_path)
             bad = np.full_like(z["masks"], np.nan)
         np.savez_compressed(m, masks=bad)
     out = shutil.copytree(baseline, tmp_path / "out")
-    rc, log = _run(train_cmd(data / "manifest.jsonl", out, STEPS + 2, "--resume"), train_env(tmp_path))
+    rc, log = run_train(train_cmd(data / "manifest.jsonl", out, STEPS + 2, "--resume"), train_env(tmp_path))
     assert rc == 1
     assert f"loss is not finite at step {STEPS + 1}" in log and f"step-{STEPS:08d}" in log
     assert "Traceback" not in log
@@ -152,7 +135,7 @@ def test_s3_data_and_output_with_mlflow(prep, stack, tmp_path):
     storage.upload_dir(prep, data)
     out = f"s3://{stack.bucket}/train-test/run"
     env = train_env(tmp_path) | stack.env()
-    rc, log = _run(train_cmd(f"{data}/manifest.jsonl", out, 2, "--set", "train.checkpoint_every=1",
+    rc, log = run_train(train_cmd(f"{data}/manifest.jsonl", out, 2, "--set", "train.checkpoint_every=1",
                              "--set", "train.sample_every=2", "--set", "loss.id_loss=false",
                              "--set", "experiment=train-test"), env)
     assert rc == 0, log[-3000:]

@@ -1,8 +1,10 @@
 """Shared data for the training tests: one prepared fixture manifest per session (~10-20 s)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,9 +49,27 @@ def train_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def train_cmd(manifest: Path | str, output: Path | str, steps: int, *extra: str) -> list[str]:
-    cmd = [sys.executable, "-m", "motioncharacter.cli", "train", "--data", str(manifest), "--output", str(output),
-           "--preset", "tiny", "--steps", str(steps)]
+def train_cmd(manifest: Path | str, output: Path | str, steps: int, *extra: str, nproc: int = 0) -> list[str]:
+    """``motioncharacter train`` on the tiny preset; ``nproc`` > 0: that many processes under torchrun."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc else []
+    cmd = [sys.executable, *launcher, "-m", "motioncharacter.cli", "train", "--data", str(manifest),
+           "--output", str(output), "--preset", "tiny", "--steps", str(steps)]
     for s in FAST:
         cmd += ["--set", s]
     return cmd + list(extra)
+
+
+def run_train(cmd, env, timeout=600) -> tuple[int, str]:
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+def losses(out: Path) -> dict[int, float]:
+    """step -> loss; a step logged twice (killed after it, resumed before it) keeps the later value."""
+    rows = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def latest(out: Path) -> str | None:
+    f = out / "checkpoints" / "latest"
+    return f.read_text().strip() if f.is_file() else None

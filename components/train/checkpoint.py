@@ -58,15 +58,17 @@ def mark_latest(output: str, step_tag: str) -> None:
     storage.write_bytes(storage.join(root(output), "latest"), (step_tag + "\n").encode())
 
 
-def fetch(output: str, step_tag: str) -> Path:
-    """The checkpoint as a local folder (downloaded from s3:// when needed); returns its root."""
+def fetch(output: str, step_tag: str, download: bool = True) -> Path:
+    """The checkpoint as a local folder (downloaded from s3:// when ``download``; on one process
+    per node, the others pass False and find it there); returns its root."""
     local_root = staging_dir(output)
-    if storage.is_s3(output):
+    if storage.is_s3(output) and download:
         storage.download_dir(storage.join(root(output), step_tag), local_root / step_tag)
     if not (local_root / step_tag / "state.json").is_file():
         raise FileNotFoundError(f"checkpoint {storage.join(root(output), step_tag)} is incomplete (no state.json)")
     return local_root
 
 
-def read_state(local_root: Path, step_tag: str) -> dict:
-    return json.loads((local_root / step_tag / "state.json").read_text())
+def state(output: str, step_tag: str) -> dict:
+    """A checkpoint's state.json (step, world_size, zero_stage, mlflow_run_id), read where it lies."""
+    return json.loads(storage.read_bytes(storage.join(root(output), step_tag, "state.json")))

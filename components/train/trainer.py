@@ -8,6 +8,7 @@ uninterrupted run's losses exactly.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -266,6 +267,8 @@ class Trainer:
                              "(model.preset)")
         self.rank, self.local_rank, self.world = 0, 0, 1
         self.stop_signal: int | None = None
+        self.step_done = self.step_saved = 0  # the last completed step, the last checkpointed one
+        self.updating = False
 
     def _on_signal(self, signum, frame):
         log.warning("signal %d: saving a checkpoint after this step, then exiting", signum)
@@ -283,11 +286,19 @@ class Trainer:
             raise ValueError(f"{self.output} already holds checkpoints (latest {existing}); pass --resume to "
                              "continue that run, or choose another --output")
         self.rank, self.local_rank, self.world = setup_distributed()
+        state = ck.state(self.output, existing) if existing else None
+        if state and state["world_size"] != self.world:  # before the model is built: fail in seconds
+            raise TrainingError(f"checkpoint {existing} was saved by {state['world_size']} rank(s) and cannot "
+                                f"resume on {self.world}: ZeRO shards are per rank. Resume with the same number "
+                                "of processes, or start a new run from its adapter/ export")
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         self.device = device
+        for uri in (cfg.model.weights, cfg.model.arcface_pack):
+            if storage.is_s3(uri):  # into the node's cache once; every rank's local_copy then finds it there
+                self._node_first(f"downloading {uri}", functools.partial(storage.local_copy, uri))
         if not storage.is_s3(self.output):
             Path(self.output).mkdir(parents=True, exist_ok=True)
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
@@ -306,14 +317,11 @@ class Trainer:
 
         step, run_id = 0, None
         if existing:
-            local_root = ck.fetch(self.output, existing)
-            state = ck.read_state(local_root, existing)
-            if state["world_size"] != self.world:
-                raise ValueError(f"checkpoint {existing} was saved by {state['world_size']} rank(s) and cannot "
-                                 f"resume on {self.world}: ZeRO shards are per rank. Resume with the same number "
-                                 "of processes, or start a new run from its adapter/ export")
+            self._node_first(f"downloading checkpoint {existing}", functools.partial(ck.fetch, self.output, existing))
+            local_root = ck.fetch(self.output, existing, download=False)
             engine.load_checkpoint(str(local_root), tag=existing)
             step, run_id = int(state["step"]), state.get("mlflow_run_id")
+            self.step_done = self.step_saved = step
             log.info("resumed from %s at step %d", existing, step)
 
         res = cfg.data.resolution or parts["unet"].config.sample_size * (2 ** (len(parts["vae"].config.block_out_channels) - 1))
@@ -329,9 +337,10 @@ class Trainer:
             if tracker:
                 tracker.start()
             step = self._loop(engine, parts, fmodel, dl, step, device, dtype, tracker)
-        except BaseException:
+        except BaseException as e:
             if tracker:
                 tracker.failed = True
+            self._save_after_failure(engine, tracker, e)
             raise
         finally:
             for s, h in old.items():
@@ -355,6 +364,12 @@ class Trainer:
         for batch in dl:
             gen = torch.Generator().manual_seed(mix_seed(cfg.train.seed, micro, self.rank, 1))
             loss, parts_ = compute_loss(engine, parts, fmodel, batch, cfg, gen, device, dtype)
+            if loss.grad_fn is None and self.world == 1:
+                # every condition of the micro-batch was dropped (CFG's "no condition"): no trainable
+                # weight took part and the gradient is zero, but DeepSpeed refuses a loss without a
+                # graph. (With several ranks this zero would reach ZeRO's bucketed all-reduce in
+                # another order than the other ranks' gradients, so it is not done there.)
+                loss = loss + 0.0 * sum(p.sum() for p in engine.module.parameters() if p.requires_grad)
             bad = torch.tensor([0.0 if math.isfinite(parts_["loss"]) else 1.0], device=device)
             if dist.is_initialized() and self.world > 1:
                 dist.all_reduce(bad)
@@ -365,13 +380,16 @@ class Trainer:
                     f"clips {list(batch['clip'])}); stopped without saving. The last good checkpoint is "
                     f"{storage.join(ck.root(self.output), last) if last else 'none (no checkpoint yet)'}")
             engine.backward(loss)
+            self.updating = True  # a crash inside the optimizer step leaves a half-updated state
             engine.step()
+            self.updating = False
             micro += 1
             for k, v in parts_.items():
                 acc[k] = acc.get(k, 0.0) + v / accum
             if micro % accum:
                 continue
             step += 1
+            self.step_done = step
             dt = time.perf_counter() - t0
             t0 = time.perf_counter()
             if dist.is_initialized() and self.world > 1:  # log the mean over ranks, not rank 0's share
@@ -402,6 +420,50 @@ class Trainer:
             if self.rank == 0:
                 save_adapter(exported, storage.join(self.output, "adapter"))
         return step
+
+    def _node_first(self, what: str, fn) -> None:
+        """Run ``fn`` (a download into a folder every rank of a node shares) on the node's local
+        rank 0 only, while the other ranks wait: two ranks downloading the same files at once
+        collide (minio's fget_object writes a fixed temporary name). The all-reduce is the
+        barrier and also tells the waiting ranks when that download failed."""
+        import torch.distributed as dist
+
+        if not (dist.is_initialized() and self.world > 1):
+            fn()
+            return
+        failed = None
+        if self.local_rank == 0:
+            try:
+                fn()
+            except Exception as e:
+                failed = e
+        flag = torch.tensor([0.0 if failed is None else 1.0], device=self.device)
+        dist.all_reduce(flag)
+        if failed is not None:
+            raise failed
+        if flag.item() > 0:
+            raise TrainingError(f"{what} failed on a node's local rank 0 (its log says why)")
+
+    def _save_after_failure(self, engine, tracker, err: BaseException) -> None:
+        """A crash keeps the steps done since the last checkpoint: save one before re-raising.
+
+        Not for a non-finite loss (by design the last good checkpoint stays the latest), not from
+        inside the optimizer step (half-updated weights), and not with more than one rank: the
+        others are blocked in a collective and cannot join a save."""
+        if isinstance(err, TrainingError) or self.step_done <= self.step_saved:
+            return
+        why = "one rank cannot save alone" if self.world > 1 else \
+            "it failed inside the optimizer step" if self.updating else ""
+        if why:
+            log.error("training failed at step %d; no checkpoint after step %d: %s", self.step_done + 1,
+                      self.step_saved, why)
+            return
+        try:
+            self.save(engine, self.step_done, tracker)
+            log.error("training failed at step %d (%s); saved a checkpoint of step %d first", self.step_done + 1,
+                      type(err).__name__, self.step_done)
+        except Exception as e:  # the original error is what the user must see
+            log.error("training failed, and saving a checkpoint of step %d failed too: %s", self.step_done, e)
 
     def _agree(self, flag: bool) -> bool:
         """Every rank stops together when any of them was signalled."""
@@ -450,6 +512,9 @@ class Trainer:
         if self.rank == 0:
             ck.mark_latest(self.output, name)
             log.info("checkpoint %s", storage.join(ck.root(self.output), name))
+        self.step_saved = step
+        if tracker:
+            tracker.flush()  # a checkpoint is also when buffered tracking data gets another try
 
 
 class _null:
@@ -462,14 +527,19 @@ class _null:
 
 class _Tracker:
     """MLflow on rank 0: params, per-step metrics, sample videos, the ablation tag. A resumed
-    run continues the MLflow run its checkpoint names."""
+    run continues the MLflow run its checkpoint names. The server must answer at the start;
+    after that every call goes through a tracking.Guard, so an outage never stops training."""
 
     def __init__(self, trainer: Trainer, manifest, ds_cfg: dict, run_id: str | None):
         self.t, self.manifest, self.ds_cfg, self.run_id = trainer, manifest, ds_cfg, run_id
         self._run = None
+        self.guard = None
         self.failed = False
+        self.samples = None  # sample videos wait here until MLflow has them
 
     def start(self):
+        import tempfile
+
         import mlflow
 
         from motioncharacter import tracking
@@ -480,12 +550,14 @@ class _Tracker:
         mlflow.set_tracking_uri(tracking.tracking_uri())
         mlflow.set_experiment(cfg.experiment)
         tags = {"ablation": cfg.ablation_name(), "stage": "train"}
+        self.samples = Path(tempfile.mkdtemp(prefix="mc-samples-"))
         if self.run_id:
             from mlflow.exceptions import MlflowException
 
             try:
                 self._run = mlflow.start_run(run_id=self.run_id)
-                mlflow.set_tag("resumed", "true")
+                self.guard = tracking.Guard(self.run_id)
+                self.guard.call("the resumed tag", mlflow.set_tag, "resumed", "true")
                 return
             except MlflowException:  # another tracking server than the checkpoint's: a new, linked run
                 log.warning("MLflow run %s of the checkpoint is not on %s; starting a new run",
@@ -493,25 +565,27 @@ class _Tracker:
                 tags["resumed_from_run"] = self.run_id
         self._run = mlflow.start_run(tags=tags)
         self.run_id = self._run.info.run_id
-        tracking.log_params(to_dict(cfg))
-        tracking.log_params(self.ds_cfg, prefix="deepspeed.")
-        tracking.log_params({"data.manifest": self.t.data, "data.manifest_sha256": self.manifest.sha256,
-                             "data.kept_clips": len(self.manifest.records), "git_commit": git_commit(),
-                             "world_size": self.t.world, "output": self.t.output})
+        self.guard = tracking.Guard(self.run_id)
+        self.guard.call("params", tracking.log_params, to_dict(cfg))
+        self.guard.call("params", tracking.log_params, self.ds_cfg, prefix="deepspeed.")
+        self.guard.call("params", tracking.log_params, {
+            "data.manifest": self.t.data, "data.manifest_sha256": self.manifest.sha256,
+            "data.kept_clips": len(self.manifest.records), "git_commit": git_commit(), "world_size": self.t.world,
+            "output": self.t.output})
 
     def step(self, step: int, metrics: dict):
-        from motioncharacter import tracking
-
         if step % self.t.cfg.train.log_every == 0 or step == self.t.cfg.train.steps:
-            tracking.log_metrics(metrics, step=step)
+            self.guard.metrics(metrics, step=step)
         log.debug("step %d %s", step, metrics)
         if not storage.is_s3(self.t.output):  # a plain per-step record next to the checkpoints
             with open(Path(self.t.output) / "steps.jsonl", "a") as fh:
                 fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    def sample(self, parts, engine, step: int):
-        import tempfile
+    def flush(self):
+        if self.guard:
+            self.guard.flush(force=True)
 
+    def sample(self, parts, engine, step: int):
         from motioncharacter import tracking
 
         if self.t.cfg.train.zero_stage == 3:
@@ -520,15 +594,26 @@ class _Tracker:
         module = engine.module
         module.eval()
         try:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = sample_video(parts, module.adapter, self.t.cfg, step, Path(tmp), self.t.cfg.model.arcface_pack)
-                tracking.log_artifact(path, "samples")
+            path = sample_video(parts, module.adapter, self.t.cfg, step, self.samples, self.t.cfg.model.arcface_pack)
         finally:
             module.train()
             module.adapter.attach(module.unet)  # the pipeline re-attached the same layers; keep ours
 
+        def log_sample():
+            tracking.log_artifact(path, "samples")
+            path.unlink()
+
+        self.guard.call(f"sample video {path.name}", log_sample)
+
     def end(self):
+        import shutil
+
         import mlflow
 
-        if self._run is not None:
-            mlflow.end_run("FAILED" if self.failed else "KILLED" if self.t.stop_signal else "FINISHED")
+        if self.guard is not None:
+            status = "FAILED" if self.failed else "KILLED" if self.t.stop_signal else "FINISHED"
+            self.guard.flush(force=True)
+            self.guard.call("the end of the run", mlflow.end_run, status)
+            (log.warning if self.guard.outages else log.info)("%s", self.guard.summary())
+        if self.samples:
+            shutil.rmtree(self.samples, ignore_errors=True)
