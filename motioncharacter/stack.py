@@ -7,9 +7,15 @@ state dir (``./.motioncharacter/stack`` unless ``--state-dir`` / ``MOTIONCHARACT
 - ``mlflow``: ``mlflow server`` with a sqlite store, proxying artifacts to ``s3://BUCKET/mlflow``.
 
 Credentials come from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``; without them ``up``
-generates dev credentials into a 0600 file in the state dir (never printed). ``load_stack_env``
-exports a running stack's endpoints and credentials into this process when the environment
-does not already set them. Python API: ``Stack(state_dir, s3_port, mlflow_port).up()/down()/status()``.
+generates dev credentials into a 0600 file in the state dir (never printed). They are the
+developer's admin identity. ``load_stack_env`` exports a running stack's endpoints and those
+credentials into this process when the environment does not already set them.
+
+Least privilege: the S3 server also gets one identity per workload (``WORKLOADS``: Triton,
+MLflow, training, pipeline), each with an IAM policy limited to its prefixes of the bucket and
+generated keys in ``credentials-<workload>.env`` (0600). The stack's MLflow server uses the
+``mlflow`` one; ``motioncharacter serve`` uses Triton's when that file is sourced.
+Python API: ``Stack(state_dir, s3_port, mlflow_port).up()/down()/status()``.
 """
 from __future__ import annotations
 
@@ -44,6 +50,18 @@ CRED_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # so the admin grpc port is left at that default and both are checked free.
 WEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
               "filer.port.grpc", "s3.port.grpc", "admin.port")
+
+# One S3 identity per workload, each allowed only its own prefixes of the stack's bucket (on
+# Kubernetes each prefix is a bucket of its own: k8s/base/minio.yaml, ConfigMap minio-policies).
+# Why: Triton runs model.py from its model repository and DeepSpeed resume unpickles checkpoints,
+# so whatever can write those prefixes can run code in serving or training.
+#              reads (objects under)               writes (and reads)
+WORKLOADS = {
+    "triton":   (("models/",),                     ()),  # serves the repositories, never writes them
+    "mlflow":   ((),                               ("mlflow/",)),  # its artifact store only
+    "training": (("clips/", "models/"),            ("checkpoints/",)),  # data + base weights in
+    "pipeline": (("clips/", "checkpoints/"),       ("pipelines/", "models/")),  # deploy writes models/
+}
 
 # Children started by this process, kept so they can be reaped (no zombies, no warnings).
 _children: dict[int, subprocess.Popen] = {}
@@ -198,6 +216,24 @@ def _env_text(env: dict[str, str]) -> str:
     return "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items())
 
 
+def workload_policy(bucket: str, reads: tuple[str, ...], writes: tuple[str, ...]) -> dict:
+    """An IAM policy (the language MinIO and SeaweedFS both enforce) for objects under the given
+    prefixes of one bucket. Listing covers the whole bucket (key names, never contents): S3's
+    HeadBucket, which clients use to check a bucket before writing, is authorised as ListBucket
+    without a prefix. GetBucketLocation: the minio SDK asks for it when no region is set."""
+    def objects(prefixes):
+        return [f"arn:aws:s3:::{bucket}/{p}*" for p in prefixes]
+
+    statements = [{"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetBucketLocation"],
+                   "Resource": [f"arn:aws:s3:::{bucket}"]},
+                  {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": objects(reads + writes)}]
+    if writes:
+        statements.append({"Effect": "Allow", "Action": ["s3:PutObject", "s3:DeleteObject",
+                                                         "s3:AbortMultipartUpload"],
+                           "Resource": objects(writes)})
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
 # ---------------------------------------------------------------- the stack
 class Stack:
     """The local S3 + MLflow servers recorded in one state dir.
@@ -265,13 +301,54 @@ class Stack:
         access, secret = "mc" + secrets.token_hex(8), secrets.token_urlsafe(30)
         return access, secret, True
 
-    def _server_credentials(self) -> tuple[str, str] | None:
-        """The credentials the S3 server was started with (its 0600 identity file)."""
+    def _server_credentials(self, identity: str = "motioncharacter") -> tuple[str, str] | None:
+        """The keys of one identity of the running S3 server (its 0600 config): the admin one
+        by default, else a workload's; None when the server has no such identity."""
         try:
-            cred = json.loads((self.dir / "s3.json").read_text())["identities"][0]["credentials"][0]
-            return cred["accessKey"], cred["secretKey"]
-        except (OSError, ValueError, KeyError, IndexError):
-            return None
+            for ident in json.loads((self.dir / "s3.json").read_text())["identities"]:
+                if ident["name"] == identity:
+                    cred = ident["credentials"][0]
+                    return cred["accessKey"], cred["secretKey"]
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            pass
+        return None
+
+    def workload_file(self, workload: str) -> Path:
+        return self.dir / f"credentials-{workload}.env"
+
+    def workload_env(self, workload: str) -> dict[str, str]:
+        """Endpoint and keys of one workload's identity (holds the secret), e.g. for Triton:
+        ``{**os.environ, **stack.workload_env("triton")}``."""
+        keys = self._server_credentials(workload)
+        if keys is None:
+            raise StackError(f"the S3 server in {self.dir} has no {workload!r} identity: "
+                             "`motioncharacter stack down` and `up` again to create the per-workload ones")
+        return {"MOTIONCHARACTER_S3_ENDPOINT": self.s3_endpoint, "AWS_ACCESS_KEY_ID": keys[0],
+                "AWS_SECRET_ACCESS_KEY": keys[1]}
+
+    def _workload_keys(self) -> dict[str, tuple[str, str]]:
+        """Each workload's keys: those in its 0600 file, else new ones (never the environment's)."""
+        out = {}
+        for name in WORKLOADS:
+            stored = _read_env_file(self.workload_file(name))
+            if all(stored.get(v) for v in CRED_VARS):
+                out[name] = (stored[CRED_VARS[0]], stored[CRED_VARS[1]])
+            else:
+                out[name] = (f"{name}-{secrets.token_hex(8)}", secrets.token_urlsafe(30))
+        return out
+
+    def s3_config(self, access: str, secret: str, workload_keys: dict[str, tuple[str, str]]) -> dict:
+        """The S3 server's identities: the admin (first: the developer's CLI, the demo) and one
+        per workload, bound to its policy by name."""
+        identities = [{"name": "motioncharacter", "credentials": [{"accessKey": access, "secretKey": secret}],
+                       "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]
+        policies = []
+        for name, (key, secret_key) in workload_keys.items():
+            policy = f"motioncharacter-{name}"
+            policies.append({"name": policy, "content": json.dumps(workload_policy(self.bucket, *WORKLOADS[name]))})
+            identities.append({"name": name, "credentials": [{"accessKey": key, "secretKey": secret_key}],
+                               "policyNames": [policy]})
+        return {"identities": identities, "policies": policies}
 
     def env(self) -> dict[str, str]:
         """Client environment for this stack: endpoints and credentials (holds the secret)."""
@@ -351,10 +428,10 @@ class Stack:
         data = self.dir / "s3data"
         data.mkdir(exist_ok=True)
         (data / "mini.options").unlink(missing_ok=True)  # weed reloads it and it would pin old ports
-        ident = {"identities": [{"name": "motioncharacter",
-                                 "credentials": [{"accessKey": access, "secretKey": secret}],
-                                 "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
-        _write_private(self.dir / "s3.json", json.dumps(ident))
+        workload_keys = self._workload_keys()
+        for name, keys in workload_keys.items():
+            _write_private(self.workload_file(name), _env_text(dict(zip(CRED_VARS, keys))))
+        _write_private(self.dir / "s3.json", json.dumps(self.s3_config(access, secret, workload_keys)))
         # Reuse the previous internal ports when still free, so the data dir sees the same layout.
         old = st.get("services", {}).get("s3", {}).get("internal_ports", {})
         ports = {}
@@ -416,8 +493,14 @@ class Stack:
 
         if importlib.util.find_spec("boto3") is None:  # else every artifact upload fails with HTTP 500
             raise StackError("the MLflow server needs boto3 to store artifacts in S3: `pip install -e .`")
-        env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=self.s3_endpoint, AWS_ACCESS_KEY_ID=access,
-                   AWS_SECRET_ACCESS_KEY=secret, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        # its own identity: read/write on <bucket>/mlflow/ only (the admin keys stay with the developer)
+        keys = self._server_credentials("mlflow")
+        if keys is None:  # an S3 server started before per-workload identities existed
+            log.warning("the S3 server has no mlflow identity, so the MLflow server gets the admin one; "
+                        "`motioncharacter stack down` and `up` again to create the per-workload identities")
+            keys = (access, secret)
+        env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=self.s3_endpoint, AWS_ACCESS_KEY_ID=keys[0],
+                   AWS_SECRET_ACCESS_KEY=keys[1], MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
                    AWS_EC2_METADATA_DISABLED="true")
         env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
         env.pop("MLFLOW_TRACKING_URI", None)
@@ -513,6 +596,12 @@ def _cmd_up(args) -> int:
         print(f"  export {k}={shown}")
     if stack.cred_file.exists():
         print(f"  (the secret is in {stack.cred_file}: `set -a; . {stack.cred_file}; set +a`)")
+    if stack._server_credentials("triton"):
+        print(f"per-workload identities ({', '.join(WORKLOADS)}), each limited to its prefixes of "
+              f"s3://{stack.bucket}: {stack.dir}/credentials-<workload>.env; e.g. Triton, read-only on "
+              f"s3://{stack.bucket}/models/:")
+        print(f"  (set -a; . {stack.workload_file('triton')}; set +a; motioncharacter serve "
+              f"--model-repository s3://{stack.bucket}/models/<name>)")
     return 0
 
 

@@ -11,7 +11,9 @@ from kfp import dsl, kubernetes
 
 IMAGE = "ghcr.io/motioncharacter/motioncharacter:0.1.0"
 GPU_IMAGE = "ghcr.io/motioncharacter/motioncharacter:0.1.0-cuda"
-S3_SECRET = "s3-credentials"            # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (k8s/secrets)
+# the pipeline's own MinIO user (k8s/base/minio.yaml, pipeline.json): writes run data and model
+# repositories; Triton, MLflow and training have users of their own
+S3_SECRET = "s3-pipeline"               # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (k8s/secrets)
 ENDPOINTS = "motioncharacter-endpoints"  # ConfigMap: MOTIONCHARACTER_S3_ENDPOINT, MLFLOW_TRACKING_URI, ...
 
 

@@ -28,6 +28,9 @@ TRAINING_OVERLAYS = ["training/overlays/local", "training/overlays/production"]
 PROJECT_IMAGE = "ghcr.io/motioncharacter/motioncharacter"
 TRITON_IMAGE = "ghcr.io/motioncharacter/motioncharacter-triton:0.1.0"  # docker/Dockerfile.triton
 SECRET_NAME_RE = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN", re.I)
+# each workload's own MinIO user (k8s/base/minio.yaml: ConfigMap minio-policies, Job minio-setup)
+WORKLOAD_SECRETS = {"triton": "s3-triton", "mlflow": "s3-mlflow", "training": "s3-training",
+                    "pipeline": "s3-pipeline"}
 
 
 def _tools_or_skip():
@@ -149,7 +152,7 @@ def test_triton_deployment(overlay):
     assert re.fullmatch(r"s3://minio\.motioncharacter\.svc\.cluster\.local:9000/models/[\w-]+", repo)
     e = env(c)
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        assert e[key]["valueFrom"]["secretKeyRef"] == {"name": "s3-credentials", "key": key}
+        assert e[key]["valueFrom"]["secretKeyRef"] == {"name": "s3-triton", "key": key}  # read-only user
 
     svc = find(docs, "Service", "triton")
     assert {p["port"] for p in svc["spec"]["ports"]} == {8000, 8001, 8002}
@@ -253,7 +256,7 @@ def test_pytorchjob(overlay):
         assert mount_path(c, "dshm") == "/dev/shm"
         e = env(c)
         assert "NCCL_DEBUG" in e and "TORCH_NCCL_ASYNC_ERROR_HANDLING" in e
-        assert e["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-credentials"
+        assert e["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-training"
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["terminationGracePeriodSeconds"] >= 60  # time to checkpoint on SIGTERM
         gpus = c["resources"].get("limits", {}).get("nvidia.com/gpu")
@@ -312,7 +315,7 @@ def _secret_templates() -> dict[str, dict]:
 
 def test_secret_templates_hold_only_placeholders():
     templates = _secret_templates()
-    assert set(templates) == {"s3-credentials", "minio-root", "mlflow-db"}
+    assert set(templates) == {*WORKLOAD_SECRETS.values(), "minio-root", "mlflow-db"}
     for name, doc in templates.items():
         assert doc["kind"] == "Secret" and "data" not in doc, name
         assert doc["metadata"]["annotations"]["motioncharacter.io/template"] == "true"
@@ -354,6 +357,216 @@ def test_config_map_references_resolve():
                     ref = e.get("valueFrom", {}).get("configMapKeyRef")
                     if ref:
                         assert ref["key"] in maps[ref["name"]], (overlay, owner, ref)
+
+
+# --- least privilege in the object store (one MinIO user and policy per workload) -------------
+
+def secret_refs(spec) -> set[str]:
+    """Names of every Secret a pod spec reads: env, envFrom and volumes."""
+    names = set()
+    for c in containers(spec):
+        names |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", [])
+                  if "secretKeyRef" in e.get("valueFrom", {})}
+        names |= {f["secretRef"]["name"] for f in c.get("envFrom", []) if "secretRef" in f}
+    for v in spec.get("volumes", []):
+        names |= {v["secret"]["secretName"]} if "secret" in v else set()
+        names |= {s["secret"]["name"] for s in v.get("projected", {}).get("sources", []) if "secret" in s}
+    return names
+
+
+# every workload reads the S3 credentials of its own user only; MinIO's root only MinIO and the Job
+# that creates the users, which in turn needs every user's keys
+EXPECTED_SECRETS = {
+    "StatefulSet/minio": {"minio-root"},
+    "Job/minio-setup": {"minio-root", *WORKLOAD_SECRETS.values()},
+    "StatefulSet/mlflow-postgres": {"mlflow-db"},
+    "Deployment/mlflow": {"mlflow-db", "s3-mlflow"},
+    "Deployment/triton": {"s3-triton"},
+    "PyTorchJob/motioncharacter-train/Master": {"s3-training"},
+    "PyTorchJob/motioncharacter-train/Worker": {"s3-training"},
+}
+
+
+# whose S3 user each object-store client's AWS_* come from
+S3_USER = {"Deployment/triton": "s3-triton", "Deployment/mlflow": "s3-mlflow",
+           "PyTorchJob/motioncharacter-train/Master": "s3-training",
+           "PyTorchJob/motioncharacter-train/Worker": "s3-training"}
+
+
+@pytest.mark.parametrize("overlay", SERVICE_OVERLAYS + TRAINING_OVERLAYS)
+def test_each_workload_reads_only_its_own_secrets(overlay):
+    """No shared object-store user: each client's AWS_* come from its own Secret, and MinIO's root
+    account (minio-root) reaches no pod but MinIO and minio-setup."""
+    seen = 0
+    for owner, spec in pod_specs(rendered(overlay)):
+        assert secret_refs(spec) == EXPECTED_SECRETS[owner], owner
+        if owner in S3_USER:
+            seen += 1
+            (c,) = spec["containers"]
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                assert env(c)[key]["valueFrom"]["secretKeyRef"] == {"name": S3_USER[owner], "key": key}, owner
+        if "minio-root" in secret_refs(spec):
+            assert owner in ("StatefulSet/minio", "Job/minio-setup"), owner
+    assert seen == 2, overlay  # Triton + MLflow, or the two training replicas
+
+
+def _policies(docs=None) -> dict[str, dict]:
+    import json
+
+    data = find(docs or rendered("overlays/production"), "ConfigMap", "minio-policies")["data"]
+    return {name.removesuffix(".json"): json.loads(text) for name, text in data.items()}
+
+
+def allows(policy: dict, action: str, resource: str) -> bool:
+    """IAM evaluation for Allow-only policies without conditions (what minio-policies holds):
+    some statement names the action and a resource pattern (`*` wildcards) matches."""
+    import fnmatch
+
+    assert all(st["Effect"] == "Allow" and not st.get("Condition") for st in policy["Statement"])
+    return any(action in st["Action"] and any(fnmatch.fnmatchcase(resource, r) for r in st["Resource"])
+               for st in policy["Statement"])
+
+
+def _obj(uri: str) -> str:
+    """arn of an object below an s3:// prefix."""
+    return f"arn:aws:s3:::{uri.removeprefix('s3://').rstrip('/')}/x"
+
+
+def test_triton_policy_is_read_only_on_the_model_repository():
+    """Triton runs model.py from the repository: its user may only list the model bucket and get
+    objects under the repositories the overlays serve; no write, no other bucket."""
+    triton = _policies()["triton"]
+    for st in triton["Statement"]:
+        assert set(st["Action"]) <= {"s3:GetObject", "s3:ListBucket"}, st
+        assert all(r == "arn:aws:s3:::models" or r.startswith("arn:aws:s3:::models/") for r in st["Resource"]), st
+    for overlay in SERVICE_OVERLAYS:
+        repo = find(rendered(overlay), "ConfigMap", "triton-config")["data"]["MODEL_REPOSITORY"]
+        bucket_path = repo.split("/", 3)[3]  # s3://HOST:PORT/BUCKET/PATH
+        assert allows(triton, "s3:GetObject", _obj("s3://" + bucket_path)), overlay
+        assert allows(triton, "s3:ListBucket", "arn:aws:s3:::models")
+        assert not allows(triton, "s3:PutObject", _obj("s3://" + bucket_path))
+    assert not allows(triton, "s3:GetObject", _obj("s3://models/sd15-animatediff"))
+    assert not allows(triton, "s3:GetObject", _obj("s3://checkpoints/run"))
+
+
+def test_every_workload_policy_covers_what_its_manifest_names_and_no_more():
+    """The paths each workload is configured with are inside its policy, and the writes that would
+    let it run code elsewhere are outside (model repositories, checkpoints, base weights)."""
+    pol = _policies()
+    assert set(pol) == set(WORKLOAD_SECRETS)
+    # MLflow: artifacts in its bucket, nothing else
+    (c,) = find(rendered("overlays/production"), "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    dest = next(a.split("=", 1)[1] for a in c["args"] if a.startswith("--artifacts-destination="))
+    for action in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject"):
+        assert allows(pol["mlflow"], action, _obj(dest))
+    for uri in ("s3://clips/raw", "s3://models/triton", "s3://checkpoints/run", "s3://pipelines/run"):
+        assert not allows(pol["mlflow"], "s3:GetObject", _obj(uri)), uri
+    # training: reads its --data and base weights, writes its --output, never the model repositories
+    for overlay in TRAINING_OVERLAYS:
+        docs = rendered(overlay)
+        job = find(docs, "PyTorchJob", "motioncharacter-train")
+        args = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
+        opt = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
+        weights = yaml.safe_load(find(docs, "ConfigMap", "motioncharacter-train-config")["data"]["train.yaml"])[
+            "model"]["weights"]
+        assert allows(pol["training"], "s3:GetObject", _obj(opt["--data"]))
+        assert allows(pol["training"], "s3:GetObject", _obj(weights))
+        assert allows(pol["training"], "s3:PutObject", _obj(opt["--output"]))
+        assert allows(pol["training"], "s3:GetObject", _obj(opt["--output"]))  # resume
+    for uri in ("s3://models/triton", "s3://models/sd15-animatediff", "s3://clips/raw", "s3://mlflow/1"):
+        assert not allows(pol["training"], "s3:PutObject", _obj(uri)), uri
+    # pipeline: writes its run data and publishes model repositories, not base weights or checkpoints
+    import inspect
+
+    from motioncharacter.pipelines.pipeline import motioncharacter_pipeline
+
+    defaults = {k: p.default for k, p in inspect.signature(motioncharacter_pipeline.pipeline_func).parameters.items()}
+    assert allows(pol["pipeline"], "s3:PutObject", _obj(defaults["work_uri"]))
+    assert allows(pol["pipeline"], "s3:PutObject", _obj(defaults["model_repository"]))
+    assert allows(pol["pipeline"], "s3:PutObject", _obj("s3://models/triton"))
+    for uri in ("s3://models/sd15-animatediff", "s3://checkpoints/run", "s3://clips/raw", "s3://mlflow/1"):
+        assert not allows(pol["pipeline"], "s3:PutObject", _obj(uri)), uri
+    assert not allows(pol["pipeline"], "s3:GetObject", _obj("s3://mlflow/1"))
+    # nobody but minio-setup (root) creates buckets or administers MinIO
+    for name, p in pol.items():
+        actions = {a for st in p["Statement"] for a in st["Action"]}
+        assert not any("*" in a or a.startswith("admin:") for a in actions), name
+        assert "s3:CreateBucket" not in actions and "s3:DeleteBucket" not in actions, name
+
+
+def test_minio_setup_creates_one_user_per_workload_without_secrets_on_command_lines():
+    docs = rendered("overlays/production")
+    spec = find(docs, "Job", "minio-setup")["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    script = c["args"][0]
+    e = env(c)
+    # the root credentials reach mc through its alias variable, expanded by the kubelet from the
+    # Secret refs defined before it (order matters for $(VAR))
+    assert e["MC_HOST_store"]["value"] == "http://$(MINIO_ROOT_USER):$(MINIO_ROOT_PASSWORD)@minio:9000"
+    names = list(e)
+    assert names.index("MINIO_ROOT_PASSWORD") < names.index("MC_HOST_store")
+    assert "mc alias set" not in script and "MINIO_ROOT_PASSWORD" not in script
+    # a user's secret key goes to `mc admin user add` through stdin: two arguments, never three
+    add = [line.strip() for line in script.splitlines() if "mc admin user add" in line]
+    assert add and all(a.startswith("""printf '%s\\n' "$3" | mc admin user add store "$2" >""") for a in add), add
+    for w, secret in WORKLOAD_SECRETS.items():
+        W = w.upper()
+        assert e[f"{W}_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "AWS_ACCESS_KEY_ID"}
+        assert e[f"{W}_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "AWS_SECRET_ACCESS_KEY"}
+        assert f'add_user {w} "${W}_ACCESS_KEY" "${W}_SECRET_KEY"' in script
+    # policies come from the ConfigMap, mounted where the script reads them
+    assert 'mc admin policy create store "motioncharacter-$1" "/policies/$1.json"' in script
+    assert 'mc admin policy attach store "motioncharacter-$1" --user "$2"' in script
+    assert volume(spec, "policies")["configMap"]["name"] == "minio-policies"
+    assert mount_path(c, "policies") == "/policies"
+    assert set(_policies(docs)) == set(WORKLOAD_SECRETS)
+    # no shared user any more, and the setup refuses a user that holds more than its own policy
+    assert "readwrite" not in script and "s3-credentials" not in yaml.safe_dump_all(docs)
+    assert '[ "$policies" != "motioncharacter-$1" ]' in script
+
+
+FAKE_MC = """#!/bin/sh
+# records every call (argv, and stdin where mc would read it) and answers like mc does
+state="$FAKE_MC_DIR"
+printf '%s\\n' "$*" >> "$state/argv"
+case "$1 $2 $3" in
+  "admin user add") read -r secret; printf '%s %s\\n' "$5" "$secret" >> "$state/users" ;;
+  "admin policy attach") printf '%s\\n' "$5" > "$state/policy-$7" ;;
+  "admin user info") printf 'AccessKey: %s\\nStatus: enabled\\nPolicyName: %s\\n' "$5" "$(cat "$state/policy-$5")" ;;
+esac
+exit 0
+"""
+
+
+def test_minio_setup_script_passes_no_secret_as_an_argument(tmp_path):
+    """Run the Job's script with a stand-in `mc` on PATH: every user is created with its secret on
+    stdin and its own policy attached, and no secret value is ever an argument."""
+    (c,) = find(rendered("overlays/local"), "Job", "minio-setup")["spec"]["template"]["spec"]["containers"]
+    mc = tmp_path / "bin" / "mc"
+    mc.parent.mkdir()
+    mc.write_text(FAKE_MC)
+    mc.chmod(0o755)
+    run_env = {"PATH": f"{mc.parent}:/usr/bin:/bin", "FAKE_MC_DIR": str(tmp_path)}
+    for e in c["env"]:
+        run_env[e["name"]] = e.get("value", "")
+    secrets_ = {}
+    for w in WORKLOAD_SECRETS:
+        run_env[f"{w.upper()}_ACCESS_KEY"] = f"{w}-key"
+        run_env[f"{w.upper()}_SECRET_KEY"] = secrets_[w] = f"{w}-secret-value"
+    run_env["MINIO_ROOT_PASSWORD"] = "root-secret-value"
+    out = subprocess.run([*c["command"], c["args"][0]], env=run_env, stdin=subprocess.DEVNULL, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    argv = (tmp_path / "argv").read_text()
+    assert not any(v in argv for v in [*secrets_.values(), "root-secret-value"]), argv
+    assert (tmp_path / "users").read_text().splitlines() == [f"{w}-key {secrets_[w]}" for w in WORKLOAD_SECRETS]
+    for w in WORKLOAD_SECRETS:
+        assert (tmp_path / f"policy-{w}-key").read_text().strip() == f"motioncharacter-{w}"
+    # a user that also holds another policy (the old shared `readwrite`) makes the Job fail
+    mc.write_text(FAKE_MC.replace('"$(cat "$state/policy-$5")"', '"$(cat "$state/policy-$5"),readwrite"'))
+    out = subprocess.run([*c["command"], c["args"][0]], env=run_env, stdin=subprocess.DEVNULL, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0 and "readwrite" in out.stderr
 
 
 # --- network policies and RBAC ---------------------------------------------------------------
@@ -401,7 +614,8 @@ def test_pipeline_rbac_is_least_privilege():
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r for r in role["rules"]}
     secrets = rules[(("",), ("secrets",))]
     assert secrets["verbs"] == ["get"] and secrets["resourceNames"]
-    assert "s3-credentials" in secrets["resourceNames"]
+    # the pipeline's own object-store user, none of the other workloads' and not MinIO's root
+    assert set(secrets["resourceNames"]) == {"s3-pipeline", "mlpipeline-minio-artifact"}
     assert set(rules[(("",), ("pods",))]["verbs"]) >= {"get", "watch", "create"}
     assert "create" in rules[(("",), ("persistentvolumeclaims",))]["verbs"]
     assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in role["rules"])

@@ -42,7 +42,7 @@ def test_ir_kubernetes_settings(ir):
     for ex in executors.values():
         secrets = {kv["secretKey"] for s in ex["secretAsEnv"] for kv in s["keyToEnv"]}
         assert secrets == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-        assert ex["secretAsEnv"][0]["secretName"] == "s3-credentials"
+        assert ex["secretAsEnv"][0]["secretName"] == "s3-pipeline"
         assert any(c["configMapName"] == "motioncharacter-endpoints" for c in ex["configMapAsEnv"])
     gpu = [e["container"] for n, e in spec["deploymentSpec"]["executors"].items()
            if "train" in n or "evaluate" in n]

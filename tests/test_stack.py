@@ -40,8 +40,16 @@ def test_cli_lifecycle_s3_only(tmp_path):
     assert stat.S_IMODE((d / "credentials.env").stat().st_mode) == 0o600
     assert stat.S_IMODE((d / "s3.json").stat().st_mode) == 0o600
     assert "AWS_SECRET_ACCESS_KEY=****" in r.stdout
+    # one identity per workload besides the admin's, each in its own private file, never printed
+    workload = {w: stk._read_env_file(d / f"credentials-{w}.env") for w in stk.WORKLOADS}
+    assert set(workload) == {"triton", "mlflow", "training", "pipeline"}
+    for w, creds in workload.items():
+        assert stat.S_IMODE((d / f"credentials-{w}.env").stat().st_mode) == 0o600
+        assert creds["AWS_ACCESS_KEY_ID"] != stk._read_env_file(d / "credentials.env")["AWS_ACCESS_KEY_ID"]
+    assert "credentials-triton.env" in r.stdout
     logs = "".join(p.read_text() for p in (d / "logs").iterdir())
-    assert secret not in r.stdout + r.stderr + logs + (d / "state.json").read_text() + (d / "stack.env").read_text()
+    for shown in (secret, *(c["AWS_SECRET_ACCESS_KEY"] for c in workload.values())):
+        assert shown not in r.stdout + r.stderr + logs + (d / "state.json").read_text() + (d / "stack.env").read_text()
     pid = Stack(d).status()[0].pid
     assert stk._alive(pid)
 
@@ -71,6 +79,9 @@ def test_cli_lifecycle_s3_only(tmp_path):
         assert Stack(d).up(only="s3") == {"s3": "started"}
         assert Stack(d).s3_port == port  # the recorded port is reused
         assert storage.read_bytes("s3://keep/x.bin") == b"persist"
+        # the workloads keep their keys across a restart (a running `serve` or MLflow keeps working)
+        assert {w: stk._read_env_file(d / f"credentials-{w}.env") for w in stk.WORKLOADS} == workload
+        assert Stack(d).workload_env("triton")["AWS_ACCESS_KEY_ID"] == workload["triton"]["AWS_ACCESS_KEY_ID"]
     finally:
         Stack(d).down()
         for k, v in old.items():

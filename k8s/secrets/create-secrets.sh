@@ -21,5 +21,8 @@ create() {  # name key=value...
 
 "$kubectl" get namespace "$ns" >/dev/null 2>&1 || "$kubectl" create namespace "$ns"
 create minio-root "MINIO_ROOT_USER=root-$(rand 4)" "MINIO_ROOT_PASSWORD=$(rand 24)"
-create s3-credentials "AWS_ACCESS_KEY_ID=mc-$(rand 8)" "AWS_SECRET_ACCESS_KEY=$(rand 24)"
+# one object-store user per workload, each with its own MinIO policy (k8s/base/minio.yaml)
+for workload in triton mlflow training pipeline; do
+  create "s3-$workload" "AWS_ACCESS_KEY_ID=$workload-$(rand 8)" "AWS_SECRET_ACCESS_KEY=$(rand 24)"
+done
 create mlflow-db "POSTGRES_USER=mlflow" "POSTGRES_PASSWORD=$(rand 24)" "POSTGRES_DB=mlflow"
