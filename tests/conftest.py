@@ -58,6 +58,7 @@ def stack(stack_services, monkeypatch):
     import mlflow
 
     mlflow.set_tracking_uri(stack_services.mlflow_uri)
+    mlflow.set_experiment("Default")  # and so is the active experiment, whose id belongs to that store
     yield stack_services
 
 
