@@ -24,6 +24,21 @@ def face_image() -> np.ndarray:
     return np.ascontiguousarray(skimage.data.astronaut()[0:256, 96:352])
 
 
+def request(**values):
+    """A getter over request inputs like the backend's: arrays of shape [1, 1] (a batch of one;
+    list values [1, n]), None when absent."""
+    from motioncharacter.serving.request_args import INPUTS
+
+    def get(name):
+        if name not in values:
+            return None
+        _, dtype, _, _ = INPUTS[name]
+        v = values[name]
+        v = v if isinstance(v, list) else [v]
+        return np.array([[x.encode() if isinstance(x, str) else x for x in v]], dtype=dtype)
+    return get
+
+
 def export_tiny(dest: Path, **overrides) -> Path:
     from motioncharacter.serving.repository import DeployOptions, export_repository
     from motioncharacter.serving.request_args import Limits

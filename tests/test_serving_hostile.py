@@ -19,23 +19,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from motioncharacter.serving.request_args import INPUTS, Limits, check_sizes, decode_image, parse, scrub
+from serving_fixtures import request  # the serving tests' one request getter
+
+from motioncharacter.serving.request_args import Limits, check_sizes, decode_image, parse, scrub
 from motioncharacter.video import VideoError, check_image_header, check_video_header, load_image
 
 LIMITS = Limits(max_frames=8, max_resolution=128, max_steps=10)
 IMAGE = cv2.imencode(".png", np.full((16, 24, 3), 90, np.uint8))[1].tobytes()
 
 
-def request(**values):
-    """A getter like the backend's: arrays of shape [1, 1] (lists: [1, n]), None when absent."""
-    def get(name):
-        if name not in values:
-            return None
-        _, dtype, _, _ = INPUTS[name]
-        v = values[name]
-        v = v if isinstance(v, list) else [v]
-        return np.array([[x.encode() if isinstance(x, str) else x for x in v]], dtype=dtype)
-    return get
 
 
 def base(**values):

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from motioncharacter.serving.repository import DeployOptions, config_pbtxt, export_repository, resolve_weights
-from motioncharacter.serving.request_args import INPUTS, Limits, model_defaults, parse
+from serving_fixtures import request  # the serving tests' one request getter
+
+from motioncharacter.serving.request_args import Limits, model_defaults, parse
 
 LIMITS = Limits(max_frames=8, max_resolution=128, max_steps=10, max_prompt_chars=20)
 
@@ -20,15 +22,6 @@ def png(rgb: np.ndarray) -> bytes:
 IMAGE = png(np.full((16, 24, 3), (200, 10, 30), np.uint8))
 
 
-def request(**values):
-    """A getter like the backend's: arrays of shape [1, 1] (batch of one), None when absent."""
-    def get(name):
-        if name not in values:
-            return None
-        _, dtype, _, _ = INPUTS[name]
-        v = values[name]
-        return np.array([[v.encode() if isinstance(v, str) else v]], dtype=dtype)
-    return get
 
 
 def test_defaults_and_decoding():
