@@ -56,15 +56,43 @@ def region_aware_loss(noise_pred: torch.Tensor, noise: torch.Tensor, masks=None)
     return (m * sq).mean()
 
 
-def id_consistency_loss(ref_embedding: torch.Tensor, frame_embeddings: torch.Tensor) -> torch.Tensor:
+def id_consistency_loss(ref_embedding: torch.Tensor, frame_embeddings: torch.Tensor,
+                        frame_weights: torch.Tensor | None = None,
+                        sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 4: 1 - mean_i cos(phi(I), phi(X_i)).
 
-    ``ref_embedding`` (d,) or (B, d); ``frame_embeddings`` (N, d) or (B, N, d).
+    ``ref_embedding`` (d,) or (B, d); ``frame_embeddings`` (N, d) or (B, N, d). Optional
+    ``frame_weights`` (B, N) in {0, 1} mark the frames that count (those with a detected face);
+    a clip's term averages over them, and a clip with none contributes 0. ``sample_weights`` (B,)
+    scale each clip's term (alpha-bar_t, see ``id_timestep_weights``); the result is the mean
+    over the clips that have frames, so low weights lower the loss instead of being normalised away.
     """
     ref = ref_embedding if ref_embedding.ndim == 2 else ref_embedding[None]
     frames = frame_embeddings if frame_embeddings.ndim == 3 else frame_embeddings[None]
     cos = F.cosine_similarity(frames.float(), ref[:, None].float(), dim=-1)
-    return 1.0 - cos.mean()
+    if frame_weights is None and sample_weights is None:
+        return 1.0 - cos.mean()
+    fw = torch.ones_like(cos) if frame_weights is None else frame_weights.to(cos).reshape(cos.shape)
+    counted = fw.sum(-1)
+    per_clip = (fw * (1.0 - cos)).sum(-1) / counted.clamp_min(1.0)
+    if sample_weights is not None:
+        per_clip = per_clip * sample_weights.to(cos).reshape(-1)
+    return per_clip.sum() / (counted > 0).sum().clamp_min(1)
+
+
+def id_timestep_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, weighting: str = "alpha_bar",
+                        max_timestep: int = 0) -> torch.Tensor:
+    """(B,) weight of eq. 4 per sample. The x0 estimate (z_t - sqrt(1-a) eps) / sqrt(a) carries the
+    noise prediction's error times sqrt((1-a)/a) (~25x at t = 999 on SD's schedule), so identity
+    measured on it is mostly noise at large t. ``weighting``: "alpha_bar" weights by a = alpha-bar_t,
+    "none" by 1; ``max_timestep`` > 0 also zeroes every t >= max_timestep."""
+    if weighting not in ("alpha_bar", "none"):
+        raise ValueError(f"ID-loss weighting must be 'alpha_bar' or 'none', got {weighting!r}")
+    t = timesteps.to(alphas_cumprod.device).long()
+    w = alphas_cumprod[t].float() if weighting == "alpha_bar" else torch.ones(t.shape, device=t.device)
+    if max_timestep > 0:
+        w = w * (t < max_timestep).float()
+    return w
 
 
 def ddim_x0(z_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
@@ -81,26 +109,41 @@ def decode_frames(vae, z0: torch.Tensor) -> torch.Tensor:
 
 
 def id_consistency_from_prediction(z_t, eps_pred, timesteps, alphas_cumprod, vae, face_model, ref_embedding,
-                                   frame_stride: int = 1, box: tuple[float, float, float, float] | None = None):
+                                   frame_stride: int = 1, box: tuple[float, float, float, float] | None = None,
+                                   landmarks: torch.Tensor | None = None, landmark_valid: torch.Tensor | None = None,
+                                   sample_weights: torch.Tensor | None = None):
     """Eq. 4 end to end: DDIM x0 estimate at t, VAE decode, embed the face in each frame.
 
-    ``face_model`` is a differentiable embedder (see ``TorchFaceEmbedder``); ``box`` is the
-    face region (x0, y0, x1, y1) as fractions of the frame (e.g. the reference's face box
-    for a talking-head clip), the whole frame when None. ``frame_stride`` > 1 decodes
-    every n-th frame only, to save memory.
+    ``face_model`` is a differentiable embedder (see ``TorchFaceEmbedder``). ``landmarks``
+    (B, F, 5, 2), in pixels of the decoded frames, align each frame's face to the ArcFace
+    template (``arcface.align_faces``); ``landmark_valid`` (B, F) marks frames where the face
+    was detected (others do not count). Without landmarks, ``box`` is the face region
+    (x0, y0, x1, y1) as fractions of the frame, the whole frame when None. ``frame_stride`` > 1
+    decodes every n-th frame only, to save memory. ``sample_weights`` (B,): see
+    ``id_consistency_loss``.
     """
     a = alphas_cumprod.to(z_t.device)[timesteps]
     z0 = ddim_x0(z_t, eps_pred, a)[:, :, ::frame_stride]
     frames = decode_frames(vae, z0)
     b, n = frames.shape[:2]
     x = frames.reshape(b * n, *frames.shape[2:])
-    if box is not None:
+    valid = None
+    if landmarks is not None:
+        from .arcface import ARCFACE_TEMPLATE, align_faces
+
+        lm = landmarks[:, ::frame_stride].to(x.device).float().reshape(b * n, 5, 2)
+        if landmark_valid is not None:
+            valid = landmark_valid[:, ::frame_stride].to(x.device).reshape(b, n)
+            # frames without a face (weight 0) get the template's place, so their embedding stays finite
+            lm = torch.where(valid.reshape(-1, 1, 1) > 0, lm, ARCFACE_TEMPLATE.to(x.device) * min(x.shape[-2:]) / 112)
+        x = align_faces(x, lm, size=getattr(face_model, "input_size", 112))
+    elif box is not None:
         H, W = x.shape[-2:]
         x0, y0, x1, y1 = box
         x = x[..., int(y0 * H):max(int(y0 * H) + 1, int(math.ceil(y1 * H))),
               int(x0 * W):max(int(x0 * W) + 1, int(math.ceil(x1 * W)))]
     emb = face_model(x).reshape(b, n, -1)
-    return id_consistency_loss(ref_embedding, emb)
+    return id_consistency_loss(ref_embedding, emb, valid, sample_weights)
 
 
 def total_loss(region_loss: torch.Tensor, id_loss: torch.Tensor, beta: float) -> torch.Tensor:
@@ -123,8 +166,7 @@ class TorchFaceEmbedder(nn.Module):
 class TinyFaceEncoder(TorchFaceEmbedder):
     """A small random CNN used by the tiny preset and the tests to exercise the gradient
     path of eq. 4. It is NOT a face recognizer: its similarities mean nothing. Real
-    training needs a torch port of ArcFace (the SFace/ArcFace ONNX models used elsewhere
-    are not differentiable from torch)."""
+    training uses ``arcface.ArcFace`` (insightface's recognition ONNX converted to torch)."""
 
     name = "tiny-random"
 

@@ -114,3 +114,63 @@ def test_id_consistency_end_to_end_is_differentiable():
         e = face(x)
         want = 1 - torch.nn.functional.cosine_similarity(e, ref[None]).mean()
     assert loss.item() == pytest.approx(want.item(), abs=1e-5)
+
+
+def test_id_consistency_frame_and_sample_weights_hand_case():
+    """Frames without a face do not count; each clip's term is scaled by its weight and the mean
+    runs over the clips that have frames (a clip with none adds nothing and is not counted)."""
+    ref = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    frames = torch.tensor([[[1.0, 0.0], [0.0, 1.0]],      # cos 1, 0
+                           [[-1.0, 0.0], [1.0, 0.0]],     # cos -1, 1
+                           [[0.0, 1.0], [0.0, 1.0]]])     # no valid frame
+    fw = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    # clip 0: 1 - 0.5 = 0.5; clip 1: only frame 0 counts: 1 - (-1) = 2; clip 2: none
+    assert L.id_consistency_loss(ref, frames, fw).item() == pytest.approx((0.5 + 2.0) / 2)
+    sw = torch.tensor([0.5, 0.25, 1.0])
+    assert L.id_consistency_loss(ref, frames, fw, sw).item() == pytest.approx((0.5 * 0.5 + 0.25 * 2.0) / 2)
+    # sample weights alone: every frame counts
+    assert L.id_consistency_loss(ref[:2], frames[:2], sample_weights=sw[:2]).item() == pytest.approx(
+        (0.5 * 0.5 + 0.25 * 1.0) / 2)
+
+
+def test_id_timestep_weights_alpha_bar_and_bound():
+    a = torch.tensor([0.9, 0.5, 0.1, 0.01])
+    t = torch.tensor([0, 2, 3])
+    assert torch.allclose(L.id_timestep_weights(a, t), torch.tensor([0.9, 0.1, 0.01]))
+    assert torch.allclose(L.id_timestep_weights(a, t, "alpha_bar", max_timestep=3), torch.tensor([0.9, 0.1, 0.0]))
+    assert torch.equal(L.id_timestep_weights(a, t, "none", max_timestep=1), torch.tensor([1.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="snr"):
+        L.id_timestep_weights(a, t, "snr")
+
+
+def test_id_consistency_with_landmarks_aligns_each_frame():
+    """With landmarks, each decoded frame is warped to the ArcFace template before embedding; a
+    frame without landmarks neither counts nor gets gradient."""
+    from diffusers import DDIMScheduler
+
+    from motioncharacter.model.arcface import ARCFACE_TEMPLATE, align_faces
+    from motioncharacter.model.presets import animatediff_scheduler_config, build_tiny
+
+    vae = build_tiny()["vae"].requires_grad_(False)
+    face = L.TinyFaceEncoder(dim=16).requires_grad_(False)
+    s = DDIMScheduler(**animatediff_scheduler_config())
+    g = torch.Generator().manual_seed(0)
+    zt = torch.randn(1, 4, 2, 16, 16, generator=g)
+    eps = torch.randn(1, 4, 2, 16, 16, generator=g, requires_grad=True)
+    ref = face(torch.rand(1, 3, 32, 32, generator=g) * 2 - 1)[0]
+    t = torch.tensor([300])
+    # frame 0: a face at 0.4x template scale near the top left; frame 1: not detected
+    lm = torch.stack([ARCFACE_TEMPLATE * 0.4 + torch.tensor([3.0, 2.0]), torch.zeros(5, 2)])[None]
+    valid = torch.tensor([[1.0, 0.0]])
+    w = torch.tensor([0.5])
+    loss = L.id_consistency_from_prediction(zt, eps, t, s.alphas_cumprod, vae, face, ref, landmarks=lm,
+                                            landmark_valid=valid, sample_weights=w)
+    loss.backward()
+    assert eps.grad[:, :, 0].abs().sum() > 0 and eps.grad[:, :, 1].abs().sum() == 0
+    with torch.no_grad():
+        a = s.alphas_cumprod[300]
+        z0 = (zt - (1 - a).sqrt() * eps) / a.sqrt()
+        x = vae.decode(z0[0, :, :1].permute(1, 0, 2, 3) / vae.config.scaling_factor).sample
+        e = face(align_faces(x, lm[0, :1], size=face.input_size))
+        want = 0.5 * (1 - torch.nn.functional.cosine_similarity(e, ref[None]))
+    assert loss.item() == pytest.approx(want.item(), abs=1e-5)

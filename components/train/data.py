@@ -100,19 +100,41 @@ def resize_crop(img: np.ndarray, size: int) -> np.ndarray:
     return img[y:y + size, x:x + size]
 
 
+def resize_crop_points(points: np.ndarray, hw: tuple[int, int], size: int) -> np.ndarray:
+    """Pixel coordinates (..., 2) of an (h, w) image -> the same points after ``resize_crop``
+    (pixel centres at integers, as cv2.resize maps them)."""
+    h, w = hw
+    s = size / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    out = (np.asarray(points, np.float32) + 0.5) * np.array([nw / w, nh / h], np.float32) - 0.5
+    return out - np.array([(nw - size) // 2, (nh - size) // 2], np.float32)
+
+
+# a horizontal flip mirrors the face: the image-left eye and mouth corner swap places, and the
+# ArcFace template wants them in image order
+FLIP_LANDMARKS = [1, 0, 2, 4, 3]
+
+
 class ManifestDataset(Dataset):
     """Items are keyed (micro_step, slot, index) by ``StepBatchSampler``; each is a dict of
     frames (F, 3, R, R) float32 in [-1, 1], masks (F, R, R) float32, ref (224, 224, 3) uint8,
-    face_emb (d,), caption, action, intensity, keep_image, keep_clip, keep_motion (0 under joint
-    condition dropout), clip."""
+    face_emb (d,), landmarks (F, 5, 2) in pixels of the training frames with landmark_valid (F,)
+    (0 where the face was not detected, or the manifest predates landmarks), ref_landmarks (5, 2)
+    in pixels of ref with ref_landmark_valid, caption, action, intensity, keep_image, keep_clip,
+    keep_motion (0 under joint condition dropout), clip."""
 
     def __init__(self, manifest: Manifest, cfg: DataSettings, resolution: int, seed: int = 0, rank: int = 0,
-                 face_dim: int = 128, arcface_pack: str = ""):
+                 face_dim: int = 128, arcface_pack: str = "", body_images: bool = False):
+        """``body_images``: items also hold body (224, 224, 3) uint8, another frame of the clip as
+        DreaMoving's cloth/body image, and keep_cloth (train.mode dreamoving)."""
         self.m, self.cfg, self.res, self.seed, self.rank = manifest, cfg, resolution, seed, rank
         self.face_dim, self.arcface_pack = face_dim, arcface_pack
+        self.body_images = body_images
         self._embedder = None
-        self._emb_cache: dict[str, np.ndarray] = {}
+        self._emb_cache: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._warned_landmarks = False
         self._frames: dict[str, np.ndarray] = {}
+        self._frame_hw: dict[str, tuple[int, int]] = {}
         self._frames_bytes = 0
 
     def __len__(self) -> int:
@@ -141,7 +163,9 @@ class ManifestDataset(Dataset):
         epoch decodes the same JPEGs again, which at small sizes costs more than the step."""
         hit = self._frames.get(rel)
         if hit is None:
-            hit = resize_crop(self._image(rec, rel), self.res)
+            img = self._image(rec, rel)
+            self._frame_hw[rel] = img.shape[:2]  # the landmarks are in these pixels
+            hit = resize_crop(img, self.res)
             if self._frames_bytes + hit.nbytes <= FRAME_CACHE_BYTES:
                 self._frames[rel] = hit
                 self._frames_bytes += hit.nbytes
@@ -151,24 +175,46 @@ class ManifestDataset(Dataset):
         with np.load(io.BytesIO(self._bytes(rec, rec["masks"]))) as z:
             return z["masks"].astype(np.float32)
 
-    def _face_embedding(self, rel: str, crop: np.ndarray) -> np.ndarray:
-        """The ID encoder's face embedding (SFace, or ArcFace from a pack) of a face-pool crop."""
+    def _face_embedding(self, rel: str, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The ID encoder's face embedding (SFace, or ArcFace from a pack) of a face-pool crop, and
+        the crop's 5 landmarks (None when no face is found again), which align it for eq. 4."""
         if rel not in self._emb_cache:
             from motioncharacter import faces
 
             if self._embedder is None:
                 self._embedder = faces.embedder(self.arcface_pack or None)
             found = faces.detector().detect(crop)
+            landmarks = None
             if found:
-                emb = self._embedder.embed(crop, max(found, key=lambda f: f.area)).astype(np.float32)
+                face = max(found, key=lambda f: f.area)
+                emb = self._embedder.embed(crop, face).astype(np.float32)
+                landmarks = face.landmarks.astype(np.float32)
             else:  # a face-pool crop always held a face; a miss here is rare, so train without E_arc
                 log.warning("no face found again in %s; using a zero face embedding", rel)
                 emb = np.zeros(self.face_dim, np.float32)
             if emb.shape[-1] != self.face_dim:
                 raise ValueError(f"the adapter expects {self.face_dim}-d face embeddings, the face embedder "
                                  f"gives {emb.shape[-1]}-d (set model.arcface_pack to match the adapter)")
-            self._emb_cache[rel] = emb
+            self._emb_cache[rel] = (emb, landmarks)
         return self._emb_cache[rel]
+
+    def _landmarks(self, rec: dict, sel: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(F, 5, 2) landmarks of the selected frames at the training size, and (F,) validity."""
+        n = len(sel)
+        out, valid = np.zeros((n, 5, 2), np.float32), np.zeros(n, np.float32)
+        per_frame = rec.get("landmarks")
+        if per_frame is None:  # a manifest prepared before landmarks were recorded
+            if not self._warned_landmarks:
+                log.warning("manifest %s has no face landmarks (prepared by an older version): the ID loss "
+                            "skips its clips; re-run `motioncharacter data prepare` to record them", self.m.uri)
+                self._warned_landmarks = True
+            return out, valid
+        for j, i in enumerate(sel):
+            lm = per_frame[i] if i < len(per_frame) else None
+            if lm is not None:
+                out[j] = resize_crop_points(np.asarray(lm, np.float32), self._frame_hw[rec["frames"][i]], self.res)
+                valid[j] = 1.0
+        return out, valid
 
     # ---- one item --------------------------------------------------------------------------
     def __getitem__(self, key) -> dict:
@@ -187,27 +233,38 @@ class ManifestDataset(Dataset):
         frames = np.stack([cache[paths[i]] for i in sel])
         masks = self._masks(rec)
         masks = np.stack([resize_crop(masks[min(i, len(masks) - 1)], self.res) for i in sel])
-        if rng.random() < c.flip_prob:  # same flip for frames and masks
+        landmarks, landmark_valid = self._landmarks(rec, sel)
+        if rng.random() < c.flip_prob:  # same flip for frames, masks and landmarks
             frames, masks = frames[:, :, ::-1], masks[:, :, ::-1]
+            landmarks = landmarks[:, FLIP_LANDMARKS] * np.array([-1, 1], np.float32) + np.array(
+                [self.res - 1, 0], np.float32)
         pool = list(rec.get("faces") or [])
         if pool:
             rel = pool[int(rng.integers(len(pool)))]
             ref = cv2.resize(self._image(rec, rel), (REF_SIZE, REF_SIZE), interpolation=cv2.INTER_AREA)
-            face_emb = self._face_embedding(rel, ref)
+            face_emb, ref_landmarks = self._face_embedding(rel, ref)
         else:
             ref = cv2.resize(self._image(rec, paths[0]), (REF_SIZE, REF_SIZE), interpolation=cv2.INTER_AREA)
-            face_emb = self._face_embedding(paths[0], ref)
+            face_emb, ref_landmarks = self._face_embedding(paths[0], ref)
         drop_text, drop_image, drop_clip, drop_all = rng.random(4) < (c.text_dropout, c.image_dropout,
                                                                       c.clip_dropout, c.cond_dropout)
         # joint condition dropout: text, reference, action and intensity together (CFG's "no condition")
         drop_text, drop_image = drop_text or drop_all, drop_image or drop_all
         intensity = 0.0 if rec.get("still") else float(rec.get("motion_intensity") or 0.0)
         x = np.ascontiguousarray(frames).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
-        return dict(frames=x, masks=np.ascontiguousarray(masks, dtype=np.float32), ref=np.ascontiguousarray(ref),
+        body = {}
+        if self.body_images:  # drawn after everything else, so the rest of the item is unchanged
+            img = resize_crop(self._image(rec, paths[int(rng.integers(len(paths)))]), REF_SIZE)
+            body = dict(body=np.ascontiguousarray(img),
+                        keep_cloth=0.0 if (drop_image or rng.random() < c.cloth_dropout) else 1.0)
+        return body | dict(frames=x, masks=np.ascontiguousarray(masks, dtype=np.float32), ref=np.ascontiguousarray(ref),
                     face_emb=face_emb, caption="" if drop_text else str(rec.get("caption") or ""),
                     action=str(rec.get("action") or ""), intensity=min(max(intensity, 0.0), 20.0),
                     keep_image=0.0 if drop_image else 1.0, keep_clip=0.0 if (drop_clip or drop_image) else 1.0,
                     keep_motion=0.0 if drop_all else 1.0,
+                    landmarks=np.ascontiguousarray(landmarks, dtype=np.float32), landmark_valid=landmark_valid,
+                    ref_landmarks=np.zeros((5, 2), np.float32) if ref_landmarks is None else ref_landmarks,
+                    ref_landmark_valid=np.float32(ref_landmarks is not None),
                     clip=str(rec["clip"]))
 
 

@@ -26,6 +26,7 @@ from motioncharacter.stack import free_port
 
 from . import checkpoint as ck
 from .data import REF_SIZE, ManifestDataset, check_files, loader, mix_seed, read_manifest
+from .modes import EXPORT_DIR, GuiderTrainModule, build_guider, guider_inputs
 from .settings import TrainConfig
 
 log = logging.getLogger("motioncharacter.train")
@@ -148,14 +149,19 @@ def build_parts(cfg: TrainConfig) -> dict:
             parts["adapter"] = MotionCharacterAdapter.for_unet(
                 parts["unet"], clip_image_dim=parts["image_encoder"].config.projection_dim, face_dim=face_dim,
                 seed=cfg.train.seed)
-    if parts["adapter"].config.face_dim != face_dim:
+    if cfg.train.mode != "motioncharacter":  # the face adapter or Content Guider trains instead (modes.py)
+        root = None if m.preset else Path(storage.local_copy(m.weights))
+        parts["adapter"] = build_guider(cfg.train.mode, parts["unet"], parts["image_encoder"].config.hidden_size,
+                                        face_dim, seed=0 if m.preset else cfg.train.seed, tiny=bool(m.preset),
+                                        weights_root=root)
+    if getattr(parts["adapter"].config, "face_dim", face_dim) != face_dim:
         raise ValueError(f"the adapter takes {parts['adapter'].config.face_dim}-d face embeddings but "
                          f"{'ArcFace' if m.arcface_pack else 'SFace'} gives {face_dim}-d: set model.arcface_pack "
                          "to match")
     for name in ("vae", "text_encoder", "image_encoder", "unet"):
         parts[name].requires_grad_(False).eval()
     adapter = parts["adapter"].train().requires_grad_(True)
-    if not m.motion_control:  # ablation: the action/intensity branch is neither used nor trained
+    if not m.motion_control and cfg.train.mode == "motioncharacter":  # ablation: no action/intensity branch
         adapter.intensity_encoder.requires_grad_(False)
         for layer in adapter.mc_layers.values():
             for n in MOTION_BRANCH:
@@ -164,6 +170,13 @@ def build_parts(cfg: TrainConfig) -> dict:
         for n, mod in parts["unet"].named_modules():
             if n.endswith("motion_modules"):
                 mod.requires_grad_(True)
+        # the base's MotionAdapter configuration, for exporting the trained temporal layers in its layout
+        if parts.get("motion_adapter") is not None:
+            parts["motion_config"] = dict(parts["motion_adapter"].config)
+        else:
+            from diffusers import MotionAdapter
+
+            parts["motion_config"] = MotionAdapter.load_config(Path(storage.local_copy(m.weights)) / "motion_adapter")
     if m.gradient_checkpointing:
         parts["unet"].enable_gradient_checkpointing()
     parts["unet"].train()
@@ -171,14 +184,16 @@ def build_parts(cfg: TrainConfig) -> dict:
 
 
 def face_model(cfg: TrainConfig) -> nn.Module:
+    """Eq. 4's frozen, differentiable face embedder; its ``name`` (arcface:<file> or tiny-random)
+    is logged with ``loss_id``. Real weights without an ArcFace are refused by the config."""
     from motioncharacter.model.losses import TinyFaceEncoder
 
-    if cfg.loss.face_model != "tiny-random":
-        raise ValueError(f"loss.face_model {cfg.loss.face_model!r} is not available; only 'tiny-random' "
-                         "(a differentiable ArcFace port is needed for real ID-consistency training)")
-    if not cfg.model.preset and cfg.loss.id_loss:
-        log.warning("loss.face_model is a random CNN: eq. 4 with it does not measure identity")
-    return TinyFaceEncoder(dim=128).requires_grad_(False).eval()
+    source = cfg.face_model_source()
+    if not source:
+        return TinyFaceEncoder(dim=128).requires_grad_(False).eval()
+    from motioncharacter.model.arcface import ArcFace
+
+    return ArcFace(storage.local_copy(source))
 
 
 # ---- one step -------------------------------------------------------------------------------------
@@ -189,10 +204,23 @@ def _tokens(parts: dict, texts: list[str], device) -> torch.Tensor:
     return parts["text_encoder"](tok.input_ids.to(device))[0]
 
 
+def _mc_prediction(engine, parts: dict, batch: dict, noisy, t, text, keep, device, dtype) -> torch.Tensor:
+    """MCTrainModule's prediction: ID tokens from (CLIP embedding, face embedding), action, intensity."""
+    with torch.no_grad():
+        action = _tokens(parts, batch["action"], device)
+        px = parts["feature_extractor"](images=list(batch["ref"].numpy()), return_tensors="pt").pixel_values
+        clip = parts["image_encoder"](px.to(device, dtype)).image_embeds
+        clip = clip * batch["keep_clip"].to(device, dtype)[:, None]  # CLIP-embedding dropout
+    keep_motion = batch["keep_motion"].to(device)
+    has_action = torch.tensor([bool(a.strip()) for a in batch["action"]], dtype=keep_motion.dtype, device=device)
+    return engine(noisy, t, text, clip, batch["face_emb"].to(device, dtype), action,
+                  batch["intensity"].to(device, dtype), keep, has_action * keep_motion, keep_motion)
+
+
 def compute_loss(engine, parts: dict, fmodel: nn.Module, batch: dict, cfg: TrainConfig, gen: torch.Generator,
                  device, dtype) -> tuple[torch.Tensor, dict]:
     """Eq. 11 on one micro-batch; returns (total, {component: value})."""
-    from motioncharacter.model.losses import id_consistency_from_prediction, region_aware_loss, total_loss
+    from motioncharacter.model.losses import region_aware_loss, total_loss
 
     vae, sched = parts["vae"], parts["scheduler"]
     frames = batch["frames"].to(device, dtype)
@@ -205,33 +233,47 @@ def compute_loss(engine, parts: dict, fmodel: nn.Module, batch: dict, cfg: Train
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen).to(device)
         noisy = sched.add_noise(latents, noise, t)
         text = _tokens(parts, batch["caption"], device).repeat_interleave(f, 0)
-        action = _tokens(parts, batch["action"], device)
-        px = parts["feature_extractor"](images=list(batch["ref"].numpy()), return_tensors="pt").pixel_values
-        clip = parts["image_encoder"](px.to(device, dtype)).image_embeds
-        clip = clip * batch["keep_clip"].to(device, dtype)[:, None]  # CLIP-embedding dropout
     keep = batch["keep_image"].to(device)
-    keep_motion = batch["keep_motion"].to(device)
-    has_action = torch.tensor([bool(a.strip()) for a in batch["action"]], dtype=keep_motion.dtype, device=device)
-    pred = engine(noisy, t, text, clip, batch["face_emb"].to(device, dtype), action,
-                  batch["intensity"].to(device, dtype), keep, has_action * keep_motion, keep_motion)
+    if cfg.train.mode == "motioncharacter":
+        pred = _mc_prediction(engine, parts, batch, noisy, t, text, keep, device, dtype)
+    else:  # the face adapter (id-animator) or the Content Guider (dreamoving)
+        pred = engine(noisy, t, text, *guider_inputs(parts, batch, cfg.train.mode, device, dtype))
     masks = batch["masks"] if cfg.loss.region_aware else None
     v_pred = sched.config.prediction_type == "v_prediction"  # the mini base is a v-prediction model
     l_r = region_aware_loss(pred, sched.get_velocity(latents, noise, t) if v_pred else noise, masks)
     l_id = torch.zeros((), device=device)
-    sel = keep > 0
-    if cfg.loss.id_loss and bool(sel.any()):
-        ref = batch["ref"].to(device)[sel].permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0
-        with torch.no_grad():
-            ref_emb = fmodel(ref)
-        eps = pred[sel]
-        if v_pred:  # eps = sqrt(a) v + sqrt(1 - a) x_t
-            a = sched.alphas_cumprod.to(device)[t[sel]].to(dtype).view(-1, 1, 1, 1, 1)
-            eps = a.sqrt() * eps + (1 - a).sqrt() * noisy[sel]
-        l_id = id_consistency_from_prediction(noisy[sel], eps, t[sel], sched.alphas_cumprod, vae, fmodel,
-                                              ref_emb, frame_stride=cfg.loss.id_frame_stride)
+    if cfg.loss.id_loss:
+        l_id = _id_loss(parts, fmodel, batch, cfg, pred, noisy, t, keep, v_pred, device, dtype)
     beta = cfg.loss.beta if cfg.loss.id_loss else 0.0
     total = total_loss(l_r, l_id, beta)
     return total, {"loss": total.detach().item(), "loss_region": l_r.detach().item(), "loss_id": l_id.detach().item()}
+
+
+def _id_loss(parts: dict, fmodel: nn.Module, batch: dict, cfg: TrainConfig, pred, noisy, t, keep, v_pred: bool,
+             device, dtype) -> torch.Tensor:
+    """Eq. 4 on the samples where it means something: a reference was given (no image dropout),
+    its face and the clip's were found (landmarks align both to the ArcFace template) and the
+    timestep weight is > 0 (alpha-bar_t, and the optional loss.id_max_timestep bound)."""
+    from motioncharacter.model.arcface import align_faces
+    from motioncharacter.model.losses import id_consistency_from_prediction, id_timestep_weights
+
+    sched = parts["scheduler"]
+    w = id_timestep_weights(sched.alphas_cumprod, t, cfg.loss.id_weighting, cfg.loss.id_max_timestep).to(device)
+    lm_valid = batch["landmark_valid"].to(device)
+    sel = (keep > 0) & (batch["ref_landmark_valid"].to(device) > 0) & (w > 0) & (lm_valid.sum(1) > 0)
+    if not bool(sel.any()):
+        return torch.zeros((), device=device)
+    ref = batch["ref"].to(device)[sel].permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0
+    with torch.no_grad():  # the same network embeds the reference, aligned like the frames
+        ref_emb = fmodel(align_faces(ref, batch["ref_landmarks"].to(device)[sel], size=fmodel.input_size))
+    eps = pred[sel]
+    if v_pred:  # eps = sqrt(a) v + sqrt(1 - a) x_t
+        a = sched.alphas_cumprod.to(device)[t[sel]].to(dtype).view(-1, 1, 1, 1, 1)
+        eps = a.sqrt() * eps + (1 - a).sqrt() * noisy[sel]
+    return id_consistency_from_prediction(noisy[sel], eps, t[sel], sched.alphas_cumprod, parts["vae"], fmodel,
+                                          ref_emb, frame_stride=cfg.loss.id_frame_stride,
+                                          landmarks=batch["landmarks"].to(device)[sel], landmark_valid=lm_valid[sel],
+                                          sample_weights=w[sel])
 
 
 # ---- sample videos ----------------------------------------------------------------------------------
@@ -245,13 +287,23 @@ def sample_video(parts: dict, adapter, cfg: TrainConfig, step: int, workdir: Pat
     from motioncharacter.video import write_video
 
     keys = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "feature_extractor", "image_encoder")
+    mode, extra = cfg.train.mode, {}
+    if mode != "motioncharacter":  # the trained face adapter / Content Guider through the feature pipeline
+        from motioncharacter.model.adapter import MotionCharacterAdapter
+        from motioncharacter.model.features import generate
+
+        extra, guider = {"mode": mode}, adapter
+        adapter = MotionCharacterAdapter.for_unet(parts["unet"], face_dim=512 if arcface_pack else 128,
+                                                  clip_image_dim=parts["image_encoder"].config.projection_dim)
     pipe = MotionCharacterPipeline(motion_adapter=None, adapter=adapter, **{k: parts[k] for k in keys})
+    if extra:
+        pipe.feature_parts = {"face_adapter" if mode == "id-animator" else "content_guider": guider}
     pipe.face_embedder = embedder(arcface_pack or None)
     pipe.set_progress_bar_config(disable=True)
     native = parts["unet"].config.sample_size * pipe.vae_scale_factor
     small = native <= 64
-    frames = generate(pipe, image=package_face("grace_hopper"), prompt=cfg.train.sample_prompt,
-                      action=cfg.train.sample_action if cfg.model.motion_control else "",
+    frames = generate(pipe, image=package_face("grace_hopper"), prompt=cfg.train.sample_prompt, **extra,
+                      action=cfg.train.sample_action if cfg.model.motion_control and not extra else "",
                       intensity=cfg.train.sample_intensity, steps=cfg.train.sample_steps or (4 if small else 25),
                       frames=8 if small else 16, height=native, width=native, seed=cfg.train.seed)
     return write_video(frames, workdir / f"sample-{step:08d}.mp4", fps=4.0)
@@ -306,10 +358,14 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
 
         parts = build_parts(cfg)
+        self.motion_config = parts.get("motion_config")
         for k in ("vae", "text_encoder", "image_encoder"):
             parts[k].to(device, dtype)
         fmodel = face_model(cfg).to(device, dtype)
-        module = MCTrainModule(parts["unet"], parts["adapter"], cfg.model.motion_control)
+        self.face_model_name = fmodel.name  # tagged on the MLflow run: which face model loss_id measures
+        module = (MCTrainModule(parts["unet"], parts["adapter"], cfg.model.motion_control)
+                  if cfg.train.mode == "motioncharacter" else GuiderTrainModule(parts["unet"], parts["adapter"],
+                                                                                cfg.train.mode))
         params = [p for p in module.parameters() if p.requires_grad]
         ds_cfg = deepspeed_config(cfg, bf16)
         engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_cfg)
@@ -319,14 +375,15 @@ class Trainer:
         if existing:
             self._node_first(f"downloading checkpoint {existing}", functools.partial(ck.fetch, self.output, existing))
             local_root = ck.fetch(self.output, existing, download=False)
-            engine.load_checkpoint(str(local_root), tag=existing)
+            ck.load(engine, local_root, existing)  # weights_only unpickling with an allow-list
             step, run_id = int(state["step"]), state.get("mlflow_run_id")
             self.step_done = self.step_saved = step
             log.info("resumed from %s at step %d", existing, step)
 
         res = cfg.data.resolution or parts["unet"].config.sample_size * (2 ** (len(parts["vae"].config.block_out_channels) - 1))
         ds = ManifestDataset(manifest, cfg.data, res, seed=cfg.train.seed, rank=self.rank,
-                             face_dim=adapter.config.face_dim, arcface_pack=cfg.model.arcface_pack)
+                             face_dim=getattr(adapter.config, "face_dim", 128), arcface_pack=cfg.model.arcface_pack,
+                             body_images=cfg.train.mode == "dreamoving")
         accum, total = cfg.train.grad_accum, cfg.train.steps
         dl = loader(ds, cfg.train.batch_size, step * accum, total * accum, cfg.train.seed, self.rank,
                     cfg.data.num_workers, cfg.data.prefetch_factor)
@@ -417,8 +474,11 @@ class Trainer:
             from motioncharacter.model.loading import save_adapter
 
             exported = self._export_adapter(engine)  # collective under ZeRO-3: every rank
+            motion = self._export_motion_adapter(engine)
             if self.rank == 0:
-                save_adapter(exported, storage.join(self.output, "adapter"))
+                save_adapter(exported, storage.join(self.output, EXPORT_DIR[cfg.train.mode]))
+                if motion is not None:  # trained temporal layers: deploy and evaluate must get these
+                    save_adapter(motion, storage.join(self.output, "motion_adapter"))
         return step
 
     def _node_first(self, what: str, fn) -> None:
@@ -476,18 +536,33 @@ class Trainer:
         return t.item() > 0
 
     def _export_adapter(self, engine):
-        """A float32 copy of the adapter (gathered under ZeRO-3)."""
+        """A float32 copy of the trained adapter, face adapter or Content Guider (gathered under ZeRO-3)."""
         import deepspeed
-
-        from motioncharacter.model.adapter import MotionCharacterAdapter
 
         ad = engine.module.adapter
         params = list(ad.parameters())
         gather = deepspeed.zero.GatheredParameters(params) if self.cfg.train.zero_stage == 3 else _null()
         with gather:
             sd = {k: v.detach().float().cpu().clone() for k, v in ad.state_dict().items()}
-        out = MotionCharacterAdapter.from_config(ad.config)
+        out = type(ad).from_config(ad.config)
         out.load_state_dict(sd)
+        return out
+
+    def _export_motion_adapter(self, engine):
+        """With model.train_motion_module: the UNet's trained motion modules as a float32 diffusers
+        MotionAdapter in the base's own configuration (gathered under ZeRO-3); else None."""
+        import deepspeed
+        from diffusers import MotionAdapter
+
+        if not self.cfg.model.train_motion_module:
+            return None
+        unet = engine.module.unet
+        params = [p for n, p in unet.named_parameters() if "motion_modules" in n]
+        gather = deepspeed.zero.GatheredParameters(params) if self.cfg.train.zero_stage == 3 else _null()
+        with gather:
+            sd = {k: v.detach().float().cpu().clone() for k, v in unet.state_dict().items() if "motion_modules" in k}
+        out = MotionAdapter.from_config(self.motion_config)
+        out.load_state_dict(sd)  # strict: every temporal layer of the base is in the export
         return out
 
     def save(self, engine, step: int, tracker) -> None:
@@ -499,8 +574,11 @@ class Trainer:
         local_root = ck.staging_dir(self.output)
         engine.save_checkpoint(str(local_root), tag=name, save_latest=False)
         exported = self._export_adapter(engine)  # collective under ZeRO-3: every rank
+        motion = self._export_motion_adapter(engine)
         if self.rank == 0:
-            save_adapter(exported, str(local_root / name / "adapter"))
+            save_adapter(exported, str(local_root / name / EXPORT_DIR[self.cfg.train.mode]))
+            if motion is not None:
+                save_adapter(motion, str(local_root / name / "motion_adapter"))
             state = dict(step=step, world_size=self.world, zero_stage=self.cfg.train.zero_stage,
                          mlflow_run_id=tracker.run_id if tracker else None, manifest=self.data)
             (local_root / name / "state.json").write_text(json.dumps(state, indent=1))
@@ -549,7 +627,8 @@ class _Tracker:
         tracking.check_server()
         mlflow.set_tracking_uri(tracking.tracking_uri())
         mlflow.set_experiment(cfg.experiment)
-        tags = {"ablation": cfg.ablation_name(), "stage": "train"}
+        tags = {"ablation": cfg.ablation_name(), "stage": "train",
+                "face_model": getattr(self.t, "face_model_name", "") if cfg.loss.id_loss else "none"}
         self.samples = Path(tempfile.mkdtemp(prefix="mc-samples-"))
         if self.run_id:
             from mlflow.exceptions import MlflowException
