@@ -28,7 +28,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help="output video, .mp4 or .gif")
     p.add_argument("--negative-prompt", default="", metavar="TEXT", help="what to keep out of the video")
     p.add_argument("--frames", type=int, help="number of frames (default: the model's own, from its weights or the server: 16 for SD1.5, 8 for tiny/mini)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's own: 25 for SD1.5, 4 for tiny)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's own: 30 for SD1.5 as in the paper, 4 for tiny)")
     p.add_argument("--guidance", type=float, default=8.0, help="classifier-free guidance scale (> 1 enables it)")
     p.add_argument("--height", type=int, help="frame height in pixels (default: the model's native size, 512 for SD1.5, 64 for tiny)")
     p.add_argument("--width", type=int, help="frame width in pixels (default: the model's native size, 512 for SD1.5, 64 for tiny)")
@@ -48,6 +48,9 @@ def add_commands(sub) -> None:
     from .feature_cli import add_arguments
 
     add_arguments(p)  # --mode, identity mixing, Content Guider, ControlNets, long videos, base checkpoint
+    from .acceleration import add_arguments as speed_arguments
+
+    speed_arguments(p)  # --cache-interval, --vae-slicing, ...
     p.set_defaults(func=run_generate)
 
 
@@ -78,6 +81,7 @@ def run_generate(args) -> int:
 
     try:
         feature_cli.precheck(args, args.frames)
+        load = feature_cli.load_kwargs(args)
     except ValueError as e:
         raise UserError(str(e)) from None
     features = feature_cli.feature_kwargs(args)
@@ -89,16 +93,17 @@ def run_generate(args) -> int:
     if args.url:  # the server holds the weights, and advertises the sizes that suit them
         from motioncharacter.serving.client import MotionCharacterClient
 
-        deploy_time = [k for k, v in feature_cli.load_kwargs(args).items() if v]
+        deploy_time = [k for k, v in load.items() if v]
         if deploy_time:
             raise UserError(f"--url: {', '.join(deploy_time)} are chosen when the server is deployed "
-                            "(`motioncharacter deploy --base-checkpoint/--scheduler`, ControlNets in the weights folder)")
+                            "(`motioncharacter deploy --base-checkpoint/--scheduler/--cache-interval...`, ControlNets in the "
+                            "weights folder)")
         with MotionCharacterClient(args.url) as client:
-            pipe, d = None, {"steps": 25, "frames": 16, "height": 512, "width": 512, **client.defaults()}
+            pipe, d = None, {"steps": 30, "frames": 16, "height": 512, "width": 512, **client.defaults()}
         generate = _remote_generate(args.url)
     else:
         pipe = load_pipeline(weights=args.weights, preset=args.preset, device=args.device,
-                             arcface_pack=args.arcface_pack, **feature_cli.load_kwargs(args))
+                             arcface_pack=args.arcface_pack, **load)
         d = pipe.defaults  # sizes that suit the loaded weights
     steps = args.steps or d["steps"]
     with tqdm(total=steps, desc="denoising", unit="step") as bar:

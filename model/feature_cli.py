@@ -52,7 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_kwargs(args) -> dict:
     cn = {k: v for k, v in (("pose", args.pose_controlnet), ("depth", args.depth_controlnet),
                             ("sparse", args.sparsectrl)) if v}
-    return dict(base_checkpoint=args.base_checkpoint, controlnets=cn, scheduler=args.scheduler)
+    from .acceleration import Acceleration, from_args
+
+    acc = from_args(args)
+    return dict(base_checkpoint=args.base_checkpoint, controlnets=cn, scheduler=args.scheduler,
+                acceleration=None if acc == Acceleration() else acc)
 
 
 def feature_kwargs(args) -> dict:

@@ -7,9 +7,10 @@
 with none of them set it *is* ``inference.generate`` (same code, same output). Modes:
 
 * ``motioncharacter`` (default): the MotionCharacter adapter (ID tokens + action/intensity control).
-* ``id-animator``: ID-Animator's face adapter: CLIP patch features of the face crop through a
-  query-based resampler, decoupled cross-attention with weight lambda (``id_scale``), no motion
-  control module (``action``/``intensity`` are not used).
+* ``id-animator``: ID-Animator's face adapter in the layout of its release (face_adapter.py; its
+  ``animator.ckpt`` converts with id_animator_release.py): CLIP patch features of the face crop
+  through a query-based resampler, LoRA-adapted cross-attention plus a decoupled face branch with
+  weight lambda (``id_scale``), no motion control module (``action``/``intensity`` are not used).
 * ``dreamoving``: DreaMoving's Content Guider: text + face (CLIP + face-recognition tokens, weight
   alpha_f = ``face_weight``) + optional cloth/body image (alpha_c = ``cloth_weight``), eq. 1.
 
@@ -121,7 +122,7 @@ def _weight(name: str, v) -> float:
 # ---- loading ---------------------------------------------------------------------------------
 def load_pipeline(weights: str | None = None, preset: str | None = None, device: str = "cpu",
                   arcface_pack: str | None = None, base_checkpoint: str | None = None,
-                  controlnets: dict[str, str] | None = None, scheduler: str | None = None):
+                  controlnets: dict[str, str] | None = None, scheduler: str | None = None, acceleration=None):
     """``inference.load_pipeline`` plus: a community SD1.5 checkpoint as the base (``base_checkpoint``:
     diffusers folder or single-file .safetensors) and explicit ControlNet folders
     (``controlnets={"pose"|"depth"|"sparse": uri}``; default: the weights folder's controlnet_pose/,
@@ -131,7 +132,8 @@ def load_pipeline(weights: str | None = None, preset: str | None = None, device:
     for kind in controlnets or {}:
         if kind not in ctl.KINDS:
             raise ValueError(f"unknown ControlNet kind {kind!r}; choose from {', '.join(ctl.KINDS)}")
-    pipe = base_load(weights=weights, preset=preset, device=device, arcface_pack=arcface_pack, scheduler=scheduler)
+    pipe = base_load(weights=weights, preset=preset, device=device, arcface_pack=arcface_pack, scheduler=scheduler,
+                     acceleration=acceleration)
     if base_checkpoint:
         from .community import apply_base_checkpoint, base_unet_config
 
@@ -158,8 +160,6 @@ def component(pipe, name: str):
         if storage.list_files(storage.join(src["weights"], sub)):
             uri = storage.join(src["weights"], sub)
     if name in ("face_adapter", "content_guider"):
-        from .content_guider import ContentGuider
-
         if uri:
             from motioncharacter import storage
 
@@ -167,14 +167,12 @@ def component(pipe, name: str):
 
             folder = Path(storage.local_copy(uri))
             refuse_pickles(folder)
-            model = ContentGuider.from_pretrained(folder, use_safetensors=True)
+            model = guider_class(folder).from_pretrained(folder, use_safetensors=True)
         else:
             tiny = _is_tiny(pipe)
             if not tiny:
                 logger.warning("no %s/ in the weights; using an untrained %s (it adds nothing)", sub, name)
-            model = ContentGuider.for_unet(pipe.unet, clip_hidden_dim=pipe.image_encoder.config.hidden_size,
-                                           face_dim=_face_dim(pipe), seed=1 if name == "face_adapter" else 2,
-                                           zero_init=not tiny, **({"num_queries": 4} if tiny else {}))
+            model = fresh_guider(name, pipe.unet, pipe.image_encoder.config.hidden_size, _face_dim(pipe), tiny)
     else:
         if uri:
             model = ctl.load_controlnet(uri)
@@ -190,6 +188,43 @@ def component(pipe, name: str):
     return model
 
 
+# ID-Animator's face adapter at tiny widths: the release's layout with small sizes
+TINY_FACE_ADAPTER = dict(num_queries=4, resampler_depth=2, resampler_heads=2, resampler_dim_head=16, lora_rank=4)
+
+
+def fresh_guider(name: str, unet, clip_hidden_dim: int, face_dim: int, tiny: bool, seed: int | None = None):
+    """An untrained face adapter (ID-Animator) or Content Guider (DreaMoving) for ``unet``: zero-output,
+    except on the tiny preset, whose random image branches make every path visible in tests (the
+    face adapter's LoRA still starts at zero, so lambda = 0 is the base model there)."""
+    from .content_guider import ContentGuider
+    from .face_adapter import IDAnimatorFaceAdapter
+
+    seed = (1 if name == "face_adapter" else 2) if seed is None else seed
+    if name == "face_adapter":
+        return IDAnimatorFaceAdapter.for_unet(unet, clip_hidden_dim=clip_hidden_dim, seed=seed, zero_init=not tiny,
+                                              **(TINY_FACE_ADAPTER if tiny else {}))
+    return ContentGuider.for_unet(unet, clip_hidden_dim=clip_hidden_dim, face_dim=face_dim, seed=seed,
+                                  zero_init=not tiny, **({"num_queries": 4} if tiny else {}))
+
+
+def guider_class(folder: Path):
+    """The model class a saved face_adapter/ or content_guider/ folder was written by (its config's
+    ``_class_name``): face_adapter/ folders of earlier versions hold a ContentGuider."""
+    import json
+
+    from .content_guider import ContentGuider
+    from .face_adapter import IDAnimatorFaceAdapter
+
+    classes = {c.__name__: c for c in (ContentGuider, IDAnimatorFaceAdapter)}
+    cfg = folder / "config.json"
+    name = json.loads(cfg.read_text()).get("_class_name") if cfg.is_file() else None
+    if name not in classes:
+        raise ValueError(f"{folder} is not a face adapter or Content Guider folder (config.json names "
+                         f"{name!r}; expected one of {', '.join(classes)}). Convert ID-Animator's animator.ckpt with "
+                         "`motioncharacter weights assemble --face-adapter animator.ckpt --allow-pickle`")
+    return classes[name]
+
+
 def _is_tiny(pipe) -> bool:
     return getattr(pipe, "feature_sources", {}).get("preset") == "tiny" or pipe.unet.config.sample_size <= 32
 
@@ -200,7 +235,7 @@ def _face_dim(pipe) -> int:
 
 # ---- generation ------------------------------------------------------------------------------
 def generate(pipe, *, image, prompt: str, negative_prompt: str = "", action: str = "", intensity: float = 10.0,
-             id_scale: float = 1.0, motion_scale: float = 1.0, steps: int = 25, guidance: float = 8.0,
+             id_scale: float = 1.0, motion_scale: float = 1.0, steps: int = 30, guidance: float = 8.0,
              frames: int = 16, height: int = 512, width: int = 512, seed: int = 0, face_index: int | None = None,
              progress: Callable[[int, int], None] | None = None, **features) -> np.ndarray:
     """uint8 frames (F, H, W, 3); ``features`` are FeatureOptions fields (see the module doc)."""
@@ -312,6 +347,9 @@ def _conditioning(pipe, opts, refs, cloth_rgb, ratio, action, intensity, id_scal
     cloth_scale = (1.0 if opts.cloth_weight is None else opts.cloth_weight) if cloth_rgb is not None else 0.0
     c = GuiderConditioning(face_tokens, cloth_tokens, face_scale, cloth_scale)
     z = (lambda x: None if x is None else torch.zeros_like(x))
+    if not dm and face_tokens is not None:
+        # ID-Animator's "no image": the tokens of an all-zero CLIP input, as its release and training use
+        return c, GuiderConditioning(guider.face_tokens(_clip_hidden(pipe, None)), None, face_scale, 0.0), guider
     return c, GuiderConditioning(z(face_tokens), z(cloth_tokens), face_scale, cloth_scale), guider
 
 
@@ -326,10 +364,14 @@ def _cat(u, c):
     return type(c)(**kw)
 
 
-def _clip_hidden(pipe, rgb: np.ndarray) -> torch.Tensor:
-    """CLIP image encoder's penultimate hidden states (1, N, hidden): the resampler's input."""
-    px = pipe.feature_extractor(images=rgb, return_tensors="pt").pixel_values
+def _clip_hidden(pipe, rgb: np.ndarray | None) -> torch.Tensor:
+    """CLIP image encoder's penultimate hidden states (1, N, hidden): the resampler's input.
+    ``None``: of all-zero (normalised) pixels, ID-Animator's unconditional image."""
+    from .face_adapter import clip_zero_pixels
+
     enc = pipe.image_encoder
+    px = clip_zero_pixels(pipe.feature_extractor) if rgb is None else \
+        pipe.feature_extractor(images=rgb, return_tensors="pt").pixel_values
     return enc(px.to(pipe.device, enc.dtype), output_hidden_states=True).hidden_states[-2]
 
 

@@ -17,14 +17,16 @@ logger = logging.getLogger("motioncharacter.model")
 
 
 def load_pipeline(weights: str | None = None, preset: str | None = None, device: str = "cpu",
-                  arcface_pack: str | None = None, scheduler: str | None = None) -> MotionCharacterPipeline:
+                  arcface_pack: str | None = None, scheduler: str | None = None,
+                  acceleration=None) -> MotionCharacterPipeline:
     """A ready MotionCharacterPipeline from a weights folder / s3:// URI, or ``preset="tiny"``.
 
     Face embeddings come from ArcFace when ``arcface_pack`` (a folder or s3:// URI holding an
     insightface recognition .onnx) is given, else from the offline SFace model; the name
     is in ``pipe.face_embedder.name``. A weights folder without adapter/ gets a fresh,
     zero-output adapter (the base AnimateDiff behaviour) and a warning. ``scheduler``: one of
-    ``model.schedulers.SCHEDULERS`` (default: the weights' own, DDIM).
+    ``model.schedulers.SCHEDULERS`` (default: the weights' own, DDIM). ``acceleration``: speed and
+    memory options (``model.acceleration.Acceleration``; default: its defaults).
     """
     from motioncharacter.faces import embedder
 
@@ -62,6 +64,9 @@ def load_pipeline(weights: str | None = None, preset: str | None = None, device:
     use_scheduler(pipe, scheduler)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    from .acceleration import Acceleration
+
+    (acceleration or Acceleration()).apply(pipe)
     return pipe
 
 
@@ -74,7 +79,7 @@ def native_defaults(unet_sample_size: int, vae_scale_factor: int, info: dict | N
     native = int(unet_sample_size) * int(vae_scale_factor)
     small = native <= TINY["height"]
     d = dict(frames=TINY["frames"] if small else 16, height=native, width=native,
-             steps=TINY["steps"] if small else 25)
+             steps=TINY["steps"] if small else 30)  # the paper's 30
     d.update({k: int(v) for k, v in ((info or {}).get("defaults") or {}).items() if k in d})
     return d
 
@@ -120,7 +125,7 @@ def _motion(parts: dict):
 
 def generate(pipe: MotionCharacterPipeline, *, image: np.ndarray | str, prompt: str, negative_prompt: str = "",
              action: str = "", intensity: float = 10.0, id_scale: float = 1.0, motion_scale: float = 1.0,
-             steps: int = 25, guidance: float = 8.0, frames: int = 16, height: int = 512, width: int = 512,
+             steps: int = 30, guidance: float = 8.0, frames: int = 16, height: int = 512, width: int = 512,
              seed: int = 0, face_index: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """uint8 frames (F, H, W, 3). Every argument is validated first (ValueError naming it);

@@ -14,8 +14,12 @@ from contextlib import contextmanager
 MAX_FRAMES = 256  # long-video ceiling (64 in DreaMoving; memory grows linearly with frames)
 
 
+TRAINED_FRAMES = 16  # AnimateDiff's motion modules learn on 16-frame clips (positions go to 32)
+
+
 def training_length(pipe) -> int:
-    return int(getattr(pipe.unet.config, "motion_max_seq_length", 32) or 32)
+    """Frames one window may hold: the clip length the motion modules were trained on."""
+    return min(TRAINED_FRAMES, int(getattr(pipe.unet.config, "motion_max_seq_length", 32) or 32))
 
 
 def check_context(frames: int, context_length, context_stride: int, max_length: int) -> int | None:
@@ -23,7 +27,7 @@ def check_context(frames: int, context_length, context_stride: int, max_length: 
     if context_length is None:
         if frames <= max_length:
             return None
-        context_length = min(16, max_length)  # AnimateDiff's own training length
+        context_length = min(TRAINED_FRAMES, max_length)
     if isinstance(context_length, bool) or not isinstance(context_length, int) or not 1 <= context_length <= max_length:
         raise ValueError(f"context_length must be an integer in [1, {max_length}] (the motion module's training "
                          f"length), got {context_length!r}")

@@ -10,6 +10,7 @@ An empty action phrase means no action branch, in training and inference alike.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from numbers import Integral, Real
@@ -20,7 +21,9 @@ import torch
 from diffusers import AnimateDiffPipeline
 
 from .adapter import MotionCharacterAdapter
+from .acceleration import Acceleration
 from .attention import MCConditioning
+from .deepcache import FeatureCache
 from .id_module import Reference, prepare_reference
 from .motion_module import validate_intensity
 
@@ -40,13 +43,14 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
         self.register_modules(adapter=adapter)
         adapter.attach(self.unet)
         self.face_embedder = None  # set by load_pipeline: motioncharacter.faces.embedder(...)
+        self.acceleration = Acceleration()  # speed/memory options; load_pipeline(acceleration=...) applies others
 
     # ---- validation -------------------------------------------------------------------
     def token_count(self, text: str) -> int:
         return len(self.tokenizer(text, truncation=False).input_ids)
 
     def check_inputs(self, *, image, prompt, negative_prompt="", action="", intensity=10.0, id_scale=1.0,
-                     motion_scale=1.0, num_inference_steps=25, guidance_scale=8.0, num_frames=16, height=512,
+                     motion_scale=1.0, num_inference_steps=30, guidance_scale=8.0, num_frames=16, height=512,
                      width=512, seed=0, face_index=None) -> np.ndarray:
         """Validate every argument before any model work; returns the reference as RGB uint8.
 
@@ -110,12 +114,14 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
         if not action.strip():
             return None
         emb, _ = self.encode_prompt(action, self.device, 1, False)
+        if self.acceleration.action_tokens == "eot":  # BOS, the phrase, EOT; the rest is padding
+            emb = emb[:, : min(self.token_count(action), emb.shape[1])]
         return emb
 
     # ---- generation ---------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, image, prompt: str, negative_prompt: str = "", action: str = "", intensity: float = 10.0,
-                 id_scale: float = 1.0, motion_scale: float = 1.0, num_inference_steps: int = 25,
+                 id_scale: float = 1.0, motion_scale: float = 1.0, num_inference_steps: int = 30,
                  guidance_scale: float = 8.0, num_frames: int = 16, height: int = 512, width: int = 512,
                  seed: int = 0, face_index: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
@@ -163,18 +169,27 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
         batch holds [uncond, cond] when guidance > 1), VAE decode to uint8 frames (F, H, W, 3).
 
         ``residuals(latent_input, t) -> (down, mid)`` adds ControlNet residuals (or None)."""
-        device, cfg = self.device, guidance > 1.0
+        device, cfg, acc = self.device, guidance > 1.0, self.acceleration
         self.scheduler.set_timesteps(steps, device=device)
         generator = torch.Generator("cpu").manual_seed(int(seed))
         latents = self.prepare_latents(1, self.unet.config.in_channels, num_frames, height, width, text.dtype,
                                        device, generator)
         timesteps = self.scheduler.timesteps
+        halves = [slice(0, num_frames), slice(num_frames, 2 * num_frames)] if cfg and acc.split_guidance else None
+        caches = [FeatureCache(self.unet, acc.cache_interval, acc.cache_depth) for _ in (halves or [None])]
         for i, t in enumerate(timesteps):
             inp = torch.cat([latents] * 2) if cfg else latents
             inp = self.scheduler.scale_model_input(inp, t)
             down, mid = residuals(inp, t) if residuals is not None else (None, None)
-            eps = self.unet(inp, t, encoder_hidden_states=text, cross_attention_kwargs=cond.kwargs(),
-                            down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+            if halves is None:
+                eps = caches[0].predict(i, inp, t, encoder_hidden_states=text, cross_attention_kwargs=cond.kwargs(),
+                                        down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            else:  # the same two predictions, one batch at a time (frames are batch rows f..f+F of text)
+                eps = torch.cat([cache.predict(
+                    i, inp[k:k + 1], t, encoder_hidden_states=text[rows], cross_attention_kwargs=_sample(cond, k).kwargs(),
+                    down_block_additional_residuals=None if down is None else [d[rows] for d in down],
+                    mid_block_additional_residual=None if mid is None else mid[rows])
+                    for k, (cache, rows) in enumerate(zip(caches, halves))])
             if cfg:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
@@ -182,9 +197,16 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
             if progress is not None:
                 progress(i + 1, len(timesteps))
 
-        video = self.decode_latents(latents, decode_chunk_size=16)  # (1, C, F, H, W) in [-1, 1]
+        video = self.decode_latents(latents, decode_chunk_size=1 if acc.vae_slicing else 16)  # (1, C, F, H, W) in [-1, 1]
         frames = ((video[0].permute(1, 2, 3, 0) / 2 + 0.5).clamp(0, 1) * 255).round()
         return frames.to(torch.uint8).cpu().numpy()
+
+
+def _sample(cond, k: int):
+    """Sample ``k`` of a per-sample conditioning dataclass (every tensor field sliced on its batch axis)."""
+    sliced = {f.name: getattr(cond, f.name)[k:k + 1] for f in dataclasses.fields(cond)
+              if isinstance(getattr(cond, f.name), torch.Tensor)}
+    return dataclasses.replace(cond, **sliced)
 
 
 def load_reference_image(image) -> np.ndarray:

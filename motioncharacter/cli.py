@@ -20,7 +20,9 @@ COMMAND_MODULES = [
     "motioncharacter.serving.cli",
     "motioncharacter.pipelines.cli",
     "motioncharacter.model.cli",
+    "motioncharacter.model.weights",
     "motioncharacter.components.evaluate.cli",
+    "motioncharacter.registry_cli",
 ]
 
 

@@ -93,6 +93,9 @@ def _demo(args) -> int:
     else:
         print("the evaluation gate did not pass, so nothing was deployed (see the evaluate step's log)")
     print(f"MLflow: {tracking_uri()} (experiments motioncharacter-data, -train, -eval)")
+    from motioncharacter import registry
+
+    print(registry.describe())  # the trained adapter's version and the aliases the gate set
     if stack:
         print("the services keep running; stop them with: .venv/bin/motioncharacter stack down")
     return 0

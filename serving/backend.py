@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from ..model.acceleration import Acceleration
 from .pipeline import inference_api
 from .repository import resolve_weights
 from .request_args import Limits, model_defaults, parse, scrub
@@ -78,7 +79,8 @@ class TritonPythonModel:
             base = str(local_copy(base))
         self.pipe = self.api.load_pipeline(weights=weights, preset=params.get("preset") or None, device=device,
                                            arcface_pack=params.get("arcface_pack") or None, base_checkpoint=base,
-                                           scheduler=params.get("scheduler") or None)
+                                           scheduler=params.get("scheduler") or None,
+                                           acceleration=Acceleration.from_params(params))
         self.defaults = {**self.pipe.defaults, **self.defaults}  # a repository written before deploy recorded them
         pb_utils.Logger.log_info(f"{self.name}: pipeline loaded on {device} "
                                  f"(weights={weights or '-'}, preset={params.get('preset') or '-'})")

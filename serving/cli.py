@@ -12,10 +12,17 @@ def add_commands(sub) -> None:
     p = sub.add_parser("deploy", help="export a Triton model repository (Python backend) to a folder or s3://",
                        description="Write a Triton model repository with two models: 'motioncharacter' (one "
                        "request -> frames + mp4) and 'motioncharacter_stream' (decoupled: per-step progress, then "
-                       "the video over gRPC). Triton can serve it from the folder or read s3:// itself.")
-    src = p.add_mutually_exclusive_group(required=True)
+                       "the video over gRPC). Triton can serve it from the folder or read s3:// itself. Each deploy "
+                       "adds a new version (N+1) beside the existing ones and points the models at it; with --url a "
+                       "running server loads and warms it up while version N keeps serving, then drops N. "
+                       "--rollback points the models back at the version served before.")
+    src = p.add_mutually_exclusive_group()  # one of them, unless --rollback (checked in _deploy)
     src.add_argument("--weights", metavar="URI", help="trained weights (diffusers layout), local folder or s3:// URI")
     src.add_argument("--preset", metavar="NAME", help="build a random-initialised preset instead, e.g. 'tiny'")
+    src.add_argument("--model", metavar="REF", help="a registered version: models:/NAME@ALIAS (e.g. "
+                     "models:/motioncharacter@champion) or models:/NAME/VERSION, resolved through the MLflow Model "
+                     "Registry to its adapter; the weights its evaluation scored, else its base + adapter assembled "
+                     "here and copied into the repository")
     p.add_argument("--model-repository", required=True, metavar="URI",
                    help="where to write the repository: local folder or s3://bucket/prefix")
     p.add_argument("--copy-weights", action="store_true",
@@ -28,6 +35,9 @@ def add_commands(sub) -> None:
 
     p.add_argument("--scheduler", choices=SCHEDULERS,
                    help="sampler the server uses (default: the weights' own, DDIM); see `generate --scheduler`")
+    from ..model.acceleration import add_arguments as speed_arguments
+
+    speed_arguments(p)  # --cache-interval, --vae-slicing, ...: what the server's pipeline uses
     p.add_argument("--steps", type=int, default=0,
                    help="default denoising steps of a request that sends none (default: the model's own)")
     p.add_argument("--kind", choices=["cpu", "gpu"], default="cpu",
@@ -40,8 +50,26 @@ def add_commands(sub) -> None:
                    help="reject a request that waited this long in the queue (default 300)")
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="abort a generation running longer than this (default 600)")
-    p.add_argument("--version", type=int, default=1, help="model version folder to write (default 1)")
-    p.add_argument("--version-policy", default="latest:1", help="latest:N, all, or specific:V1,V2 (default latest:1)")
+    p.add_argument("--version", type=int, default=0,
+                   help="version to write (default: one above the highest in the repository; an existing one "
+                        "is refused), or with --rollback the version to return to")
+    p.add_argument("--version-policy", default="",
+                   help="latest:N, all, or specific:V1,V2 (default: specific:<the new version>, so Triton serves "
+                        "exactly the version deployed)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="no model_warmup: by default Triton runs the smallest valid request (1 step, 2 frames, "
+                        "64x64 at most) on every new instance before the version serves, so a version that cannot "
+                        "generate never replaces a working one")
+    p.add_argument("--rollback", action="store_true",
+                   help="point the models back at the version served before the current one (or --version N) "
+                        "instead of deploying; no weights needed")
+    p.add_argument("--url", metavar="URL",
+                   help="a running server (http://HOST:PORT or grpc://HOST:PORT, started with explicit model "
+                        "control as `motioncharacter serve` is) to reload the models on after writing, sending "
+                        "the admin key from MOTIONCHARACTER_TRITON_ADMIN_KEY; the command returns once it serves "
+                        "the new version. A polling server (`serve --model-control poll`) is waited for instead")
+    p.add_argument("--load-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="with --url: give up if the server does not serve the version after this long (default 600)")
     p.add_argument("--fps", type=int, default=8, help="frame rate of the returned mp4 (default 8)")
     p.add_argument("--max-frames", type=int, default=d.max_frames, help=f"request limit (default {d.max_frames})")
     p.add_argument("--max-resolution", type=int, default=d.max_resolution,
@@ -63,27 +91,108 @@ def add_commands(sub) -> None:
     s.add_argument("--log-verbose", type=int, default=0, help="Triton's verbose log level (default 0)")
     s.add_argument("--startup-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="give up if the models are not ready after this long (default 300)")
+    s.add_argument("--model-control", choices=["explicit", "poll"], default="explicit",
+                   help="how a new deploy reaches the running server: explicit (default) loads every model at start "
+                        "and reloads one when `deploy --url` asks (with the admin key); poll rescans the repository "
+                        "every --poll-seconds. Either way the old version serves until the new one is warmed up")
+    s.add_argument("--poll-seconds", type=float, default=15.0, metavar="SECONDS",
+                   help="with --model-control poll: how often to rescan the repository (default 15)")
     s.set_defaults(func=_serve)
 
 
+def _registered_weights(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """(--weights, --copy-weights) with a models:/ reference (--model, or --weights models:/...)
+    resolved through the registry; weights assembled on this machine must be copied."""
+    from .. import registry
+
+    ref = args.model or (args.weights if registry.is_reference(args.weights) else None)
+    if not ref:
+        return args.weights, args.copy_weights
+    v = registry.resolve(ref)
+    weights, assembled = registry.weights_for(v)
+    print(f"{ref} is {v.uri}: adapter {v.source}, weights {weights}")
+    return weights, args.copy_weights or assembled
+
+
 def _deploy(args: argparse.Namespace) -> int:
-    from .repository import MODEL, STREAM_MODEL, DeployOptions, export_repository
+    from dataclasses import asdict
+
+    from ..cli import UserError
+    from ..model.acceleration import from_args
+    from .repository import MODEL, STREAM_MODEL, DeployOptions, rollback, served_version, write_version
     from .request_args import Limits
 
+    if args.url:  # before anything is written: a repository the server was not told about helps nobody
+        import os
+
+        from .server import ADMIN_KEY_ENV
+
+        if not os.environ.get(ADMIN_KEY_ENV):
+            raise UserError(f"--url reloads the models through the server's admin API: set {ADMIN_KEY_ENV} to the "
+                            "key it was started with (a server polling its repository needs no --url)")
+    if args.rollback:
+        if args.weights or args.preset or args.model:
+            raise UserError("--rollback returns to a version already in the repository: give no --weights, "
+                            "--preset or --model")
+        old, new = rollback(args.model_repository, args.version)
+        print(f"{args.model_repository}: models '{MODEL}' and '{STREAM_MODEL}' point at version {new} again "
+              f"(was {old})")
+        if args.url:
+            _serve_version(args.url, args.model_repository, new, old, args.load_timeout)
+        return 0
+    if not (args.weights or args.preset or args.model):
+        raise UserError("give one of --weights URI, --preset NAME or --model models:/NAME@ALIAS (or --rollback)")
+    weights, copy_weights = _registered_weights(args)
     opts = DeployOptions(
-        weights=args.weights, preset=args.preset, copy_weights=args.copy_weights, arcface_pack=args.arcface_pack,
+        weights=weights, preset=args.preset, copy_weights=copy_weights, arcface_pack=args.arcface_pack,
         base_checkpoint=(args.base_checkpoint if not args.base_checkpoint or "://" in args.base_checkpoint
                          else str(Path(args.base_checkpoint).resolve())),
-        scheduler=args.scheduler or "", default_steps=args.steps,
+        scheduler=args.scheduler or "", default_steps=args.steps, acceleration=asdict(from_args(args)),
         kind=args.kind, instances=args.instances, max_batch_size=args.max_batch_size,
         max_queue_size=args.max_queue_size, queue_timeout_s=args.queue_timeout,
         request_timeout_s=args.request_timeout, version=args.version, version_policy=args.version_policy,
+        warmup=args.warmup,
         fps=args.fps, limits=Limits(max_frames=args.max_frames, max_resolution=args.max_resolution,
                                     max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars))
-    dest = export_repository(args.model_repository, opts)
-    print(f"wrote models '{MODEL}' and '{STREAM_MODEL}' (version {args.version}) to {dest}")
-    print(f"serve it with: motioncharacter serve --model-repository {dest}")
+    dest = args.model_repository
+    before = served_version(dest)
+    version = write_version(dest, opts)
+    print(f"wrote models '{MODEL}' and '{STREAM_MODEL}' version {version} to {dest}"
+          + (f" (version {before} was served before; `deploy --rollback` returns to it)" if before else ""))
+    if args.url:
+        _serve_version(args.url, dest, version, before, args.load_timeout)
+    else:
+        print(f"serve it with: motioncharacter serve --model-repository {dest} (a running server: "
+              "`deploy --url`, or `serve --model-control poll`)")
     return 0
+
+
+def _serve_version(url: str, repository: str, version: int, previous: int | None, timeout_s: float) -> None:
+    """Have the server at ``url`` serve ``version``, the one the repository now names. If it cannot,
+    it still serves ``previous``: point the repository back there, and reload a model that did switch."""
+    from ..cli import UserError
+    from .client import MotionCharacterClient, RemoteError, ServerUnavailable, VersionMismatch
+    from .repository import MODEL, STREAM_MODEL, rollback
+
+    failures = (RemoteError, ServerUnavailable, VersionMismatch)
+    with MotionCharacterClient(url, timeout_s=timeout_s, retries=1) as c:
+        try:
+            c.switch_to(version, timeout_s=timeout_s)
+        except failures as e:
+            if not previous or previous == version:
+                raise UserError(f"{url} did not switch to version {version}: {e}") from None
+            rollback(repository, previous)
+            try:  # reload only a model that did switch: the others never stopped serving `previous`
+                switched = tuple(m for m in (MODEL, STREAM_MODEL) if c.served_versions(m) != [previous])
+                if switched:
+                    c.switch_to(previous, switched, timeout_s=timeout_s)
+                c.check_version(previous)
+                state = f"it serves version {previous} again"
+            except failures as again:
+                state = f"returning it to version {previous} failed too ({again})"
+            raise UserError(f"{url} did not switch to version {version}: {e}. {repository} points at version "
+                            f"{previous} again and {state}") from None
+    print(f"{url} serves version {version}")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -93,7 +202,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import ServerError, TritonServer
 
     server = TritonServer(args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
-                          metrics_port=args.metrics_port, host=args.host, log_verbose=args.log_verbose)
+                          metrics_port=args.metrics_port, host=args.host, log_verbose=args.log_verbose,
+                          model_control=args.model_control, poll_s=args.poll_seconds)
     def interrupt(*_):
         raise KeyboardInterrupt
 

@@ -1,7 +1,7 @@
 """Call a MotionCharacter Triton endpoint over HTTP or gRPC, with timeouts and retries.
 
     with MotionCharacterClient("grpc://127.0.0.1:8001") as c:
-        result = c.generate(image="face.png", prompt="a woman smiling", steps=25)
+        result = c.generate(image="face.png", prompt="a woman smiling", steps=30)
         for event in c.stream(image=img, prompt="..."):   # gRPC only
             ...  # Progress(step, total) per denoising step, then a Result
 
@@ -33,6 +33,10 @@ class RemoteError(ValueError):
 
 class ServerUnavailable(UserError):
     """The server could not be reached or stayed unavailable after the retries (check the URL / server)."""
+
+
+class VersionMismatch(UserError):
+    """The server does not serve the model version expected (a deploy it has not loaded, or a rollback)."""
 
 
 @dataclass
@@ -108,9 +112,11 @@ def parse_url(url: str) -> tuple[str, str]:
 
 class MotionCharacterClient:
     def __init__(self, url: str, *, model: str = MODEL, stream_model: str = STREAM_MODEL, timeout_s: float = 600.0,
-                 connect_timeout_s: float = 10.0, retries: int = 3, backoff_s: float = 0.5):
+                 connect_timeout_s: float = 10.0, retries: int = 3, backoff_s: float = 0.5, version: int = 0):
         self.protocol, self.address = parse_url(url)
         self.model, self.stream_model = model, stream_model
+        # 0: whichever version the server serves; N: only version N (Triton refuses if it is not loaded)
+        self.version = str(version) if version else ""
         self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
         self.retries, self.backoff_s = retries, backoff_s
         self._client = None
@@ -182,7 +188,8 @@ class MotionCharacterClient:
         return self._batched[model]
 
     def _config(self, model: str) -> dict:
-        cfg = self._retry(f"reading {model}'s config", lambda: self.client.get_model_config(model, **self._kw()))
+        cfg = self._retry(f"reading {model}'s config", lambda: self.client.get_model_config(
+            model, self.version, **self._kw()))
         if hasattr(cfg, "config"):  # gRPC wraps a protobuf message
             from google.protobuf.json_format import MessageToDict
 
@@ -250,7 +257,7 @@ class MotionCharacterClient:
         inputs = self._inputs(self.model, image, prompt, params)
         outputs = self._outputs(["frames", "video"] if video else ["frames"])
         res = self._retry(f"generating on {self.model}", lambda: self.client.infer(
-            self.model, inputs, outputs=outputs, **self._kw()))
+            self.model, inputs, model_version=self.version, outputs=outputs, **self._kw()))
         batched = self._is_batched(self.model)
         vid = self._unbatch(res, "video", batched) if video else None
         return Result(frames=self._unbatch(res, "frames", batched), video=bytes(vid[0]) if vid is not None else None)
@@ -271,7 +278,8 @@ class MotionCharacterClient:
         try:
             self._retry("opening a stream", lambda: c.start_stream(
                 callback=lambda result, error: events.put((result, error)), stream_timeout=self.timeout_s))
-            c.async_stream_infer(self.stream_model, inputs, outputs=outputs, enable_empty_final_response=False)
+            c.async_stream_infer(self.stream_model, inputs, model_version=self.version, outputs=outputs,
+                                 enable_empty_final_response=False)
             deadline = time.monotonic() + self.timeout_s
             while True:
                 try:
@@ -297,6 +305,71 @@ class MotionCharacterClient:
             # unfinished request is cancelled so the server stops generating between steps.
             c.stop_stream(cancel_requests=not finished)
             c.close()
+
+    # -- versions (rollouts, see serving/repository.py) ----------------------------------------------
+    def served_versions(self, model: str | None = None) -> list[int]:
+        """The versions of ``model`` the server has loaded, from its model metadata."""
+        model = model or self.model
+        meta = self._retry(f"reading {model}'s metadata", lambda: self.client.get_model_metadata(model, **self._kw()))
+        return sorted(int(v) for v in (meta["versions"] if isinstance(meta, dict) else meta.versions))
+
+    def version_ready(self, version: int, model: str | None = None) -> bool:
+        try:
+            return bool(self.client.is_model_ready(model or self.model, str(version), **self._kw()))
+        except Exception:  # noqa: BLE001 - not ready is the answer to any failure here
+            return False
+
+    def check_version(self, version: int, models: tuple[str, ...] = (MODEL, STREAM_MODEL)) -> None:
+        """Raise VersionMismatch unless every model serves exactly ``version``, and it is ready."""
+        served = {m: self.served_versions(m) for m in models}
+        wrong = {m: v for m, v in served.items() if v != [version] or not self.version_ready(version, m)}
+        if wrong:
+            raise VersionMismatch(f"{self.protocol}://{self.address} serves " + ", ".join(
+                f"{m} version(s) {', '.join(map(str, v)) or 'none ready'}" for m, v in wrong.items())
+                + f"; expected version {version} only")
+
+    def wait_for_version(self, version: int, models: tuple[str, ...] = (MODEL, STREAM_MODEL),
+                         timeout_s: float = 300.0) -> None:
+        """Until every model serves exactly ``version`` (a polling server picks a deploy up by itself)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.check_version(version, models)
+            except (VersionMismatch, RemoteError, ServerUnavailable) as e:
+                if time.monotonic() > deadline:
+                    raise VersionMismatch(f"after {timeout_s:g} s: {e}") from None
+            time.sleep(0.5)
+
+    def switch_to(self, version: int, models: tuple[str, ...] = (MODEL, STREAM_MODEL), timeout_s: float = 600.0,
+                  admin_key: str | None = None) -> None:
+        """Make the server serve ``version`` of ``models``, the version their config.pbtxt now names:
+        reload them under explicit model control; a polling server reloads by itself, so only wait."""
+        try:
+            self.load(models, admin_key)
+        except RemoteError as e:
+            if "polling is enabled" not in str(e):
+                raise
+        self.wait_for_version(version, models, timeout_s)
+
+    def load(self, models: tuple[str, ...] = (MODEL, STREAM_MODEL), admin_key: str | None = None) -> None:
+        """Have a server under explicit model control reload ``models`` from its repository: Triton
+        loads and warms up the version config.pbtxt names while the old one keeps serving, then
+        unloads the old one; a load that fails leaves the old one serving. Needs the admin key."""
+        import os
+
+        from .server import ADMIN_HEADER, ADMIN_KEY_ENV
+
+        key = admin_key or os.environ.get(ADMIN_KEY_ENV)
+        if not key:
+            raise UserError(f"reloading models through the server needs its admin key: set {ADMIN_KEY_ENV} "
+                            "to the key the server was started with")
+        from tritonclient.utils import InferenceServerException
+
+        for m in models:
+            try:  # not retried: a failed load is an answer ("version 2 is at UNAVAILABLE state: ..."), not a glitch
+                self.client.load_model(m, headers={ADMIN_HEADER: key}, **self._kw())
+            except InferenceServerException as e:
+                raise RemoteError(f"loading {m}: {e.message() or e}") from None
 
     def close(self) -> None:
         if self._client is not None:

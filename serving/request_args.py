@@ -25,7 +25,7 @@ INPUTS: dict[str, tuple[str, type, bool, object]] = {
     "intensity": ("TYPE_FP32", np.float32, True, 10.0),
     "id_scale": ("TYPE_FP32", np.float32, True, 1.0),      # lambda in the paper
     "motion_scale": ("TYPE_FP32", np.float32, True, 1.0),  # alpha in the paper
-    "steps": ("TYPE_INT32", np.int32, True, 25),
+    "steps": ("TYPE_INT32", np.int32, True, 30),
     "guidance": ("TYPE_FP32", np.float32, True, 8.0),
     "frames": ("TYPE_INT32", np.int32, True, 16),
     "height": ("TYPE_INT32", np.int32, True, 512),

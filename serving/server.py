@@ -30,6 +30,12 @@ RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
 ADMIN_HEADER = "triton-admin-key"
 ADMIN_KEY_ENV = "MOTIONCHARACTER_TRITON_ADMIN_KEY"
 
+# How a running server picks up a new version (serving/repository.py writes N+1, then re-points
+# config.pbtxt): "explicit" loads every model at start and reloads one when `deploy --url` asks
+# (the admin API); "poll" rescans the repository every poll_s seconds. Either way Triton loads and
+# warms up the new version while the old one keeps serving, then unloads the old one.
+MODEL_CONTROL = ("explicit", "poll")
+
 
 def _die_with_parent() -> None:
     """In the child before exec: SIGKILL when the process that started it dies (even by SIGKILL), so
@@ -108,7 +114,12 @@ class TritonServer:
 
     def __init__(self, model_repository: str, *, http_port: int | None = 8000, grpc_port: int | None = 8001,
                  metrics_port: int | None = 8002, host: str = "127.0.0.1", log_file: str | Path | None = None,
-                 log_verbose: int = 0, exit_timeout_s: int = 15, extra_args: tuple[str, ...] = ()):
+                 log_verbose: int = 0, exit_timeout_s: int = 30, extra_args: tuple[str, ...] = (),
+                 model_control: str = "explicit", poll_s: float = 15.0):
+        if model_control not in MODEL_CONTROL:
+            raise ValueError(f"model_control must be one of {', '.join(MODEL_CONTROL)}, got {model_control!r}")
+        if model_control == "poll" and not poll_s > 0:
+            raise ValueError(f"--poll-seconds must be > 0, got {poll_s}")
         if not storage.is_s3(model_repository) and not Path(model_repository).is_dir():
             raise FileNotFoundError(f"model repository {model_repository} does not exist (run `motioncharacter deploy`)")
         self.repository = model_repository
@@ -120,10 +131,18 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.exit_timeout_s = exit_timeout_s
         self.extra_args = tuple(extra_args)
+        self.model_control, self.poll_s = model_control, poll_s
         self.proc: subprocess.Popen | None = None
         import secrets
 
         self._random_key = secrets.token_hex(16)
+        self._started_key: str | None = None
+
+    @property
+    def admin_key(self) -> str:
+        """The key the restricted APIs (model load/unload, ...) want in the triton-admin-key header:
+        the one this server was started with."""
+        return self._started_key or os.environ.get(ADMIN_KEY_ENV) or self._random_key
 
     @property
     def http_url(self) -> str:
@@ -139,12 +158,14 @@ class TritonServer:
 
     def command(self, redact: bool = False) -> list[str]:
         # without a configured admin key, a random one per start: the restricted APIs are simply off
-        key = "****" if redact else os.environ.get(ADMIN_KEY_ENV) or self._random_key
+        key = "****" if redact else self.admin_key
         restricted = f"{RESTRICTED_APIS}:{ADMIN_HEADER}={key}"
+        control = ["--model-control-mode=poll", f"--repository-poll-secs={max(1, round(self.poll_s))}"] \
+            if self.model_control == "poll" else ["--model-control-mode=explicit", "--load-model=*"]
         return [
             str(tritonserver_binary()),
             f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
-            f"--model-repository={triton_repository_uri(self.repository)}",
+            f"--model-repository={triton_repository_uri(self.repository)}", *control,
             f"--backend-directory={backend_dir()}",
             f"--http-address={self.host}", f"--http-port={self.http_port}",
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
@@ -163,6 +184,8 @@ class TritonServer:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log_file, "ab")
         log.info("starting tritonserver: %s", " ".join(self.command(redact=True)))
+        self._started_key = None
+        self._started_key = self.admin_key  # what command() passes: later env changes do not reach the server
         # Own session: a last-resort kill reaches the Python stubs too, and Ctrl-C in a terminal
         # goes to us first so we can stop the server cleanly.
         self.proc = subprocess.Popen(self.command(), env=server_env(), stdout=out, stderr=subprocess.STDOUT if out else None,

@@ -27,6 +27,10 @@ os.environ["MOTIONCHARACTER_STATE_DIR"] = os.path.join(_session_dir, "stack")
 # the embedded default store would be ./mlflow.db in the working directory: the session's own instead
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{os.path.join(_session_dir, 'mlflow.db')}"
 
+# One tritonserver per session for every suite that uses it: a fixture imported into each test module
+# would be a separate fixture per module, each starting its own server.
+from serving_fixtures import tiny_pipe, triton  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def stack_services(tmp_path_factory):

@@ -115,10 +115,10 @@ def test_export_copies_weights_and_references_them_relatively(tmp_path):
     for model in ("motioncharacter", "motioncharacter_stream"):
         assert (repo / model / "3" / "model.py").read_text().strip().endswith("import TritonPythonModel  # noqa: F401")
         cfg = (repo / model / "config.pbtxt").read_text()
-        assert 'key: "weights" value: { string_value: "motioncharacter/weights" }' in cfg
-    assert (repo / "motioncharacter" / "weights" / "unet" / "config.json").read_text() == '{"sample_size": 8}'
+        assert 'key: "weights" value: { string_value: "motioncharacter/3/weights" }' in cfg  # each version its own
+    assert (repo / "motioncharacter" / "3" / "weights" / "unet" / "config.json").read_text() == '{"sample_size": 8}'
     assert 'key: "default_height" value: { string_value: "64" }' in cfg
-    assert resolve_weights("motioncharacter/weights", repo) == str(repo / "motioncharacter" / "weights")
+    assert resolve_weights("motioncharacter/3/weights", repo) == str(repo / "motioncharacter" / "3" / "weights")
     assert resolve_weights("s3://b/w", repo) == "s3://b/w" and resolve_weights("", repo) is None
 
 
@@ -178,7 +178,7 @@ def test_deploy_records_native_sizes_from_config_files(tmp_path):
     (tmp_path / "vae").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"sample_size": 64}))
     (tmp_path / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
-    assert weights_defaults(str(tmp_path)) == {"frames": 16, "height": 512, "width": 512, "steps": 25}  # SD1.5
+    assert weights_defaults(str(tmp_path)) == {"frames": 16, "height": 512, "width": 512, "steps": 30}  # SD1.5: the paper's 30 steps
     (tmp_path / "motioncharacter.json").write_text(json.dumps({"defaults": {"frames": 8, "steps": 30}}))
     assert weights_defaults(str(tmp_path)) == {"frames": 8, "height": 512, "width": 512, "steps": 30}
     assert weights_defaults(preset="tiny") == {"frames": 8, "height": 64, "width": 64, "steps": 4}

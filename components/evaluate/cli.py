@@ -41,7 +41,8 @@ def add_commands(sub) -> None:
         epilog="examples:\n  motioncharacter evaluate --preset tiny --eval-set ./unsplash50 --output ./eval --limit 4\n"
                "  motioncharacter evaluate fetch-unsplash50 --out ./unsplash50")
     src = e.add_mutually_exclusive_group()
-    src.add_argument("--weights", metavar="DIR_OR_URI", help="weights folder or s3:// URI (diffusers layout)")
+    src.add_argument("--weights", metavar="DIR_OR_URI", help="weights folder or s3:// URI (diffusers layout), or a "
+                     "registered version (models:/NAME/VERSION, models:/NAME@ALIAS), which the evaluation is linked to")
     src.add_argument("--preset", choices=["tiny", "mini"],
                      help="tiny: small random models for a CPU smoke run; mini: the small model trained here by `demo --learn`")
     e.add_argument("--eval-set", metavar="DIR_OR_URI", help="folder or s3:// prefix of portrait images")
@@ -83,7 +84,8 @@ def add_commands(sub) -> None:
     c = sub.add_parser("compare", help="evaluation runs side by side in the layout of the paper's Table 1",
                        description="Fetch evaluation runs from MLflow and print a side-by-side table (paper Table 1 "
                        "columns + intensity adherence); saves compare.md, compare.csv and bar plots compare.png.")
-    c.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="MLflow run ids of `motioncharacter evaluate` runs")
+    c.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="MLflow run ids of `motioncharacter evaluate` runs, "
+                   "or registered versions (models:/NAME/VERSION, models:/NAME@ALIAS): the evaluation linked to each")
     c.add_argument("--labels", help="comma-separated row labels (default: run names)")
     c.add_argument("--output", "-o", default="compare", help="folder or s3:// prefix for the table and plots")
     c.set_defaults(func=_compare)

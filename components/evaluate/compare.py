@@ -1,4 +1,4 @@
-"""``motioncharacter compare RUN_ID...``: evaluation runs side by side in the layout of Table 1.
+"""``motioncharacter compare RUN_ID|models:/REF...``: evaluation runs side by side in the layout of Table 1.
 
 Columns follow the paper (Dover Score, Motion Smoothness, Dynamic Degree, CLIP-I, CLIP-T, Face
 Similarity) plus our intensity adherence. A cell names its metric variant when it is not the
@@ -37,7 +37,7 @@ def collect(run_ids: list[str], labels: list[str] | None = None) -> list[dict]:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from motioncharacter import tracking
+    from motioncharacter import registry, tracking
     from motioncharacter.cli import UserError
 
     uri = tracking.tracking_uri()
@@ -45,11 +45,14 @@ def collect(run_ids: list[str], labels: list[str] | None = None) -> list[dict]:
     client = MlflowClient(uri)
     out = []
     for i, rid in enumerate(run_ids):
+        ref = None
+        if registry.is_reference(rid):  # a registered version: the evaluation linked to it
+            ref, rid = rid, registry.eval_run_of(rid, client)
         try:
             run = client.get_run(rid)
         except MlflowException as e:
             raise UserError(f"MLflow run {rid} not found on {uri} ({str(e).splitlines()[0][:160]})") from None
-        label = labels[i] if labels and i < len(labels) else (run.info.run_name or rid[:8])
+        label = labels[i] if labels and i < len(labels) else (ref or run.info.run_name or rid[:8])
         cells = {col: _cell(run.data.metrics, run.data.tags, keys) for col, keys in COLUMNS}
         out.append({"run_id": rid, "label": label, "cells": cells})
     return out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...model.acceleration import Acceleration
 from .score import MetricWeights
 
 
@@ -25,6 +26,7 @@ class GenerationSettings:
     width: int = 0
     guidance: float = 8.0
     scheduler: str = ""      # "" = the weights' own (DDIM); ddim | dpm++ | lcm (model/schedulers.py)
+    acceleration: Acceleration = field(default_factory=Acceleration)  # speed/memory (model/acceleration.py)
     id_scale: float = 1.0
     motion_scale: float = 1.0
     fps: float = 8.0

@@ -21,6 +21,7 @@ from motioncharacter import storage
 
 from . import metrics as M
 from .evalset import build_items, list_portraits, load_prompt_bank
+from ...model.acceleration import Acceleration
 from .settings import EvalConfig
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,9 @@ def _item_key(item, gen: dict, cfg: EvalConfig, model: str) -> str:
     from dataclasses import asdict
 
     blob = json.dumps([item.to_dict(), gen, asdict(cfg.metrics), model] +
-                      ([cfg.generation.scheduler] if cfg.generation.scheduler else []), sort_keys=True, default=str)
+                      ([cfg.generation.scheduler] if cfg.generation.scheduler else []) +
+                      ([asdict(cfg.generation.acceleration)] if cfg.generation.acceleration != Acceleration() else []),
+                      sort_keys=True, default=str)
     return f"{item.id}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -151,12 +154,13 @@ def evaluate(eval_set: str, output: str, cfg: EvalConfig, *, weights: str | None
         weights, preset = mini_weights(), None
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
+    weights, version, assembled = _registered(weights, track)
     portraits = list_portraits(eval_set)
     bank_version, bank = load_prompt_bank(cfg.evalset.prompt_bank)
     items = build_items(portraits, bank, cfg.evalset, limit)
     m = cfg.metrics
     pipe = load_pipeline(weights=weights, preset=preset, device=device, arcface_pack=m.arcface_pack or None,
-                         scheduler=cfg.generation.scheduler or None)
+                         scheduler=cfg.generation.scheduler or None, acceleration=cfg.generation.acceleration)
     scorer = Scorer(m, flow_short_side=m.flow_short_side)
     g = cfg.generation
     gen = dict(frames=g.frames, steps=g.steps or pipe.defaults["steps"], height=g.height or pipe.defaults["height"],
@@ -214,13 +218,45 @@ def evaluate(eval_set: str, output: str, cfg: EvalConfig, *, weights: str | None
     calibration_plot(rows, stage / "calibration.png", summary["metrics"].get("intensity_spearman"))
     if sheet_rows:
         contact_sheet(sheet_rows, sheet_labels).save(stage / "contact_sheet.png")
+    if version:
+        summary["registered_model"] = version
     if track:
         summary["mlflow_run_id"] = _log_run(cfg, summary, flat, stage, gifs, run_name, weights, preset, limit)
+        if version:  # the version now names the run that scored it, and the run the version
+            from motioncharacter import registry
+
+            registry.link_evaluation(version["name"], version["version"], summary["mlflow_run_id"],
+                                     summary["metrics"], weights=None if assembled else weights)
     (stage / "summary.json").write_text(json.dumps(summary, indent=1))
     if not local_out:
         storage.upload_dir(stage, output)
     summary["output"] = output
     return summary
+
+
+def _registered(weights: str | None, track: bool) -> tuple[str | None, dict | None, bool]:
+    """(weights folder to load, the registered version it is, whether it was assembled here):
+    a models:/ reference resolves through the registry; a folder holding a registered adapter
+    (the pipeline's assembled weights) is that adapter's version."""
+    from motioncharacter import registry
+
+    if registry.is_reference(weights):
+        v = registry.resolve(weights)
+        path, assembled = registry.weights_for(v)
+        log.info("%s is %s: weights %s", weights, v.uri, path)
+        return path, {"name": v.name, "version": v.version, "uri": v.uri}, assembled
+    marker = registry.registered_version_of(weights) if track else None
+    if not marker:
+        return weights, None, False
+    try:  # the marker may come from another registry (a copied folder): link only to the same version
+        v = registry.resolve(marker["uri"])
+    except registry.RegistryError as e:
+        v, why = None, str(e)
+    if v is None or v.source != marker.get("source"):
+        log.warning("%s names %s, which this registry does not hold (%s); the evaluation is not linked to it",
+                    weights, marker["uri"], why if v is None else f"its source is {v.source}")
+        return weights, None, False
+    return weights, {"name": v.name, "version": v.version, "uri": v.uri}, False
 
 
 def _save_record(stage: Path, output: str, key: str, row: dict, local_out: bool) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_commands(sub) -> None:
@@ -25,6 +26,9 @@ def add_commands(sub) -> None:
                    "(train.resume; set it in the config for Kubernetes restarts)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set train.zero_stage=3 (repeatable)")
+    p.add_argument("--registered-model", metavar="NAME",
+                   help="MLflow registered model that the finished adapter becomes a new version of, with its "
+                   "lineage as tags (default: $MOTIONCHARACTER_REGISTERED_MODEL or 'motioncharacter')")
     p.set_defaults(func=run)
 
     b = sub.add_parser(
@@ -64,7 +68,42 @@ def run(args) -> int:
     cfg = resolve(args)
     from .trainer import Trainer
 
-    return Trainer(cfg, args.data, args.output, resume=cfg.train.resume).run()
+    rc = Trainer(cfg, args.data, args.output, resume=cfg.train.resume).run()
+    if rc == 0 and os.environ.get("RANK", "0") == "0":  # finished: one rank registers the adapter
+        if cfg.train.mode != "motioncharacter":  # the registry's versions are MotionCharacter adapters
+            from .modes import EXPORT_DIR
+
+            print(f"train.mode {cfg.train.mode}: {EXPORT_DIR[cfg.train.mode]}/ in {args.output} is not registered")
+            return rc
+        register(cfg, args.data, args.output, args.registered_model)
+    return rc
+
+
+def register(cfg, data: str, output: str, name: str | None = None):
+    """The finished run's adapter as a new version in the Model Registry, with its lineage: the
+    data manifest's SHA-256, the base weights, the git commit and the training run."""
+    import hashlib
+
+    from motioncharacter import registry, storage
+
+    from . import checkpoint as ck
+    from .trainer import git_commit
+
+    output = output.rstrip("/")
+    adapter = storage.join(output, "adapter")
+    run_id = (ck.state(output, ck.latest(output)) or {}).get("mlflow_run_id") or ""
+    lineage = {registry.MANIFEST_TAG: hashlib.sha256(storage.read_bytes(data)).hexdigest(),
+               registry.COMMIT_TAG: git_commit(), "lineage.data_manifest": data,
+               **registry.base_lineage(cfg.model.weights or None, cfg.model.preset or None)}
+    try:
+        v = registry.register_adapter(adapter, train_run_id=run_id, lineage=lineage, name=name,
+                                      extra_tags={"ablation": cfg.ablation_name(), "train_output": output})
+    except registry.RegistryError as e:
+        raise registry.RegistryError(f"training finished and its adapter is saved at {adapter}, but it could not "
+                                     f"be registered: {e}. Run the same command with --resume to register it "
+                                     "without training again") from e
+    print(f"registered {adapter} as {v.uri}")
+    return v
 
 
 def run_base(args) -> int:
