@@ -136,4 +136,4 @@ def generate(pipe: MotionCharacterPipeline, *, image: np.ndarray | str, prompt: 
         return pipe(image=image, prompt=prompt, negative_prompt=negative_prompt, action=action, intensity=intensity,
                     id_scale=id_scale, motion_scale=motion_scale, num_inference_steps=steps,
                     guidance_scale=guidance, num_frames=frames, height=height, width=width, seed=seed,
-                    face_index=face_index, progress=progress)
+                    face_index=face_index, progress=progress, output_type="uint8", return_dict=False)

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 from diffusers import AnimateDiffPipeline
+from diffusers.pipelines.animatediff.pipeline_output import AnimateDiffPipelineOutput
 
 from .adapter import MotionCharacterAdapter
 from .acceleration import Acceleration
@@ -32,6 +33,7 @@ logger = logging.getLogger("motioncharacter.model")
 MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb guard for reference images
 MAX_SIDE = 2048
 MAX_SCALE = 5.0
+OUTPUT_TYPES = ("uint8", "np", "pt", "pil", "latent")  # uint8: frames (F, H, W, 3); the rest as in diffusers
 
 
 class MotionCharacterPipeline(AnimateDiffPipeline):
@@ -124,7 +126,10 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
                  id_scale: float = 1.0, motion_scale: float = 1.0, num_inference_steps: int = 30,
                  guidance_scale: float = 8.0, num_frames: int = 16, height: int = 512, width: int = 512,
                  seed: int = 0, face_index: int | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                 progress: Callable[[int, int], None] | None = None, *, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "np", return_dict: bool = True,
+                 callback_on_step_end: Callable | None = None,
+                 callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",)):
         """Generate a video of the reference person.
 
         Args:
@@ -138,8 +143,12 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
             num_frames, height, width: output size; seed: makes the result reproducible.
             face_index: which face to use when the reference shows several (0 = largest).
             progress: called as progress(step, total) after each denoising step.
+            generator, latents, output_type, return_dict, callback_on_step_end: as in diffusers'
+                AnimateDiffPipeline (``generator`` replaces ``seed``; ``latents`` (1, C, F, h, w) are the
+                starting noise; ``output_type`` "np" | "pt" | "pil" | "latent", or "uint8" for frames
+                (F, H, W, 3); ``callback_on_step_end(pipe, i, t, {"latents": ...})`` may return new latents).
         Returns:
-            uint8 frames (F, H, W, 3).
+            ``AnimateDiffPipelineOutput(frames=...)``, or the frames alone with ``return_dict=False``.
         """
         rgb = self.check_inputs(image=image, prompt=prompt, negative_prompt=negative_prompt, action=action,
                                 intensity=intensity, id_scale=id_scale, motion_scale=motion_scale,
@@ -160,20 +169,36 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
             cond = MCConditioning.cat(cond.unconditional(), cond)
         text = text.repeat_interleave(num_frames, dim=0)  # the UNet wants per-frame text, (B*F, 77, D)
 
-        return self.denoise(text, cond, num_frames=num_frames, height=height, width=width,
-                            steps=num_inference_steps, guidance=guidance_scale, seed=seed, progress=progress)
+        frames = self.denoise(text, cond, num_frames=num_frames, height=height, width=width,
+                              steps=num_inference_steps, guidance=guidance_scale, seed=seed, progress=progress,
+                              generator=generator, latents=latents, output_type=output_type,
+                              callback_on_step_end=callback_on_step_end,
+                              callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        return AnimateDiffPipelineOutput(frames=frames) if return_dict else frames
 
     def denoise(self, text: torch.Tensor, cond, *, num_frames: int, height: int, width: int, steps: int,
-                guidance: float, seed: int, progress=None, residuals=None) -> np.ndarray:
+                guidance: float, seed: int, progress=None, residuals=None, generator=None, latents=None,
+                output_type: str = "uint8", callback_on_step_end=None,
+                callback_on_step_end_tensor_inputs=("latents",)):
         """The sampling loop shared by every mode: seeded latents, classifier-free guidance (the
-        batch holds [uncond, cond] when guidance > 1), VAE decode to uint8 frames (F, H, W, 3).
+        batch holds [uncond, cond] when guidance > 1), VAE decode (uint8 frames (F, H, W, 3) by default).
 
         ``residuals(latent_input, t) -> (down, mid)`` adds ControlNet residuals (or None)."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if set(callback_on_step_end_tensor_inputs) - {"latents"}:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may name only 'latents', got "
+                             f"{list(callback_on_step_end_tensor_inputs)}")
         device, cfg, acc = self.device, guidance > 1.0, self.acceleration
         self.scheduler.set_timesteps(steps, device=device)
-        generator = torch.Generator("cpu").manual_seed(int(seed))
+        generator = generator if generator is not None else torch.Generator("cpu").manual_seed(int(seed))
+        shape = (1, self.unet.config.in_channels, num_frames, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape):
+            raise ValueError(f"latents must be a tensor of shape {shape} for this request, got "
+                             f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}")
         latents = self.prepare_latents(1, self.unet.config.in_channels, num_frames, height, width, text.dtype,
-                                       device, generator)
+                                       device, generator, latents)
         timesteps = self.scheduler.timesteps
         halves = [slice(0, num_frames), slice(num_frames, 2 * num_frames)] if cfg and acc.split_guidance else None
         caches = [FeatureCache(self.unet, acc.cache_interval, acc.cache_depth) for _ in (halves or [None])]
@@ -194,10 +219,17 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
             latents = self.scheduler.step(eps, t, latents).prev_sample
+            if callback_on_step_end is not None:
+                out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+                latents = out.pop("latents", latents)
             if progress is not None:
                 progress(i + 1, len(timesteps))
 
+        if output_type == "latent":
+            return latents
         video = self.decode_latents(latents, decode_chunk_size=1 if acc.vae_slicing else 16)  # (1, C, F, H, W) in [-1, 1]
+        if output_type != "uint8":
+            return self.video_processor.postprocess_video(video=video, output_type=output_type)
         frames = ((video[0].permute(1, 2, 3, 0) / 2 + 0.5).clamp(0, 1) * 255).round()
         return frames.to(torch.uint8).cpu().numpy()
 
