@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 # "aws_access_key_id"), but not "max_tokens", "tokenizer", "keyframes", "sort_key" or "author".
 _SECRET = re.compile(r"secret|passw|^pwd$|credential|^auth(orization)?$|"
                      r"(^|_)(access|auth|api|bearer|session|refresh|id|hf)?_?token$|"
-                     r"(private|api|access|secret|session|signing|encryption|master)_?key(_?id)?$|^key$", re.I)
+                     r"(private|api|access|secret|session|signing|encryption|master)_?key(_?id)?$|^key$|"
+                     r"(tracking|auth)_?user(name)?$", re.I)  # MLflow's basic-auth login is not a param either
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
                "MLFLOW_TRACKING_TOKEN", "OPENAI_API_KEY", "HF_TOKEN", "MOTIONCHARACTER_VLM_API_KEY",
                "MOTIONCHARACTER_TRITON_ADMIN_KEY")
@@ -42,7 +43,10 @@ _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^/@:\
 
 def _env_secrets() -> set[str]:
     """Values of the environment's credentials: the known names and any name that reads like one."""
-    names = set(_SECRET_ENV) | {k for k in os.environ if is_secret_key(k.lower()) and k not in ("PWD", "OLDPWD")}
+    # a login name is kept out of params by its key, but its value (e.g. "motioncharacter") is no
+    # secret to hunt for inside other values
+    names = set(_SECRET_ENV) | {k for k in os.environ if is_secret_key(k.lower())
+                                and k not in ("PWD", "OLDPWD", "MLFLOW_TRACKING_USERNAME")}
     return {os.environ[k] for k in names if len(os.environ.get(k) or "") >= 6}
 
 

@@ -21,7 +21,8 @@ DOCKER = ROOT / "docker"
 IMAGES = {  # Dockerfile -> expected base image family
     "Dockerfile": r"python:3\.11\.\d+-slim-bookworm",
     "Dockerfile.cuda": r"nvidia/cuda:\d+\.\d+\.\d+-runtime-ubuntu\d\d\.\d\d",
-    "Dockerfile.triton": r"nvcr\.io/nvidia/tritonserver:24\.10-py3",
+    # a release after NVIDIA's August 2025 Triton security bulletin (25.08 or later)
+    "Dockerfile.triton": r"nvcr\.io/nvidia/tritonserver:(25\.(0[89]|1[0-2])|2[6-9]\.\d\d)-py3",
 }
 ENTRYPOINTS = {"Dockerfile": ["motioncharacter"], "Dockerfile.cuda": ["motioncharacter"],
                "Dockerfile.triton": ["tritonserver"]}
@@ -120,15 +121,16 @@ def test_installs_only_what_pyproject_pins(name):
         for w in it:
             if w in takes_value:
                 value = next(it)
-                if w in ("-r", "--requirement"):  # pyproject's pins, and the pinned --no-deps few
-                    assert value in ("requirements.txt", "requirements-nodeps.txt"), value
-                    assert value == "requirements.txt" or "--no-deps" in words, words
+                if w in ("-r", "--requirement"):  # the whole lock, every file by its hash
+                    assert value == "requirements.lock.hashes", value
+                    assert "--require-hashes" in words and "--no-deps" in words, words
+                assert w not in ("--extra-index-url", "--index-url"), f"{name} adds an index: {words}"
                 continue
             if w.startswith("-"):
                 continue
             assert w.startswith(("/", ".")) or "==" in w, f"unpinned install of {w!r} in {name}"
     text = (DOCKER / name).read_text()
-    assert "pyproject_requirements.py pyproject.toml" in text
+    assert "COPY requirements.lock.hashes" in text and "^# NOT HASHED" in text  # a hole fails the build
     # apt lists are cleaned in the same layer that fills them
     for instr, args in instructions(name):
         if instr == "RUN" and "apt-get install" in args:
@@ -141,7 +143,10 @@ def test_project_images_carry_python_3_11_as_pyproject_requires():
     assert "python:3.11." in (DOCKER / "Dockerfile").read_text()
     for name in ("Dockerfile.cuda", "Dockerfile.triton"):
         assert "python3.11 -m venv /opt/venv" in (DOCKER / name).read_text()
-    assert "python_backend_stubs/3.11/" in (DOCKER / "Dockerfile.triton").read_text()
+    triton = (DOCKER / "Dockerfile.triton").read_text()
+    assert "-DPYTHON_EXECUTABLE=/usr/bin/python3.11" in triton  # the stub built for 3.11, at the image's branch
+    branch = re.search(r"tritonserver:(\d\d)\.(\d\d)-py3", triton).groups()
+    assert f"ARG TRITON_BRANCH=r{branch[0]}.{branch[1]}" in triton
 
 
 def test_requirements_script_emits_the_pins_and_refuses_loose_ones(tmp_path):
@@ -207,6 +212,21 @@ def test_kubernetes_uses_the_images_built_here():
         assert f"-t {image}" in (DOCKER / name).read_text(), name
 
 
+def test_lock_hashes_cover_the_lock_and_name_what_is_missing():
+    """requirements.lock.hashes (docker/lock-hashes.sh) holds every pin of the lock and the server
+    extra, each with a sha256, or says in a NOT HASHED line that it could not be hashed."""
+    hashed = (ROOT / "requirements.lock.hashes").read_text()
+    entries = re.findall(r"^([A-Za-z0-9._-]+==\S+) \\\n    --hash=sha256:([0-9a-f]{64})$", hashed, re.M)
+    missing = re.findall(r"^# NOT HASHED .*: (\S+)$", hashed, re.M)
+    lock = {p for p in (ROOT / "requirements.lock").read_text().split() if "==" in p}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert lock | set(project["optional-dependencies"]["server"]) == {p for p, _ in entries} | set(missing)
+    assert len(entries) > 200
+    script = (DOCKER / "lock-hashes.sh").read_text()
+    assert "--report" in script and "PIP_CONFIG_FILE=/dev/null" in script and "NOT HASHED" in script
+    assert subprocess.run(["bash", "-n", str(DOCKER / "lock-hashes.sh")]).returncode == 0
+
+
 # ---- headless OpenCV only ----------------------------------------------------------------------
 def test_only_headless_opencv_is_installed_and_cv2_links_no_gui():
     """insightface and pypiqe declare opencv-python (the GUI build: libGL, X11, Qt, which the images
@@ -229,7 +249,9 @@ def test_gui_opencv_dependents_install_without_their_deps():
     assert {x.split("==")[0] for x in nodeps} == {"insightface", "pypiqe"}
     assert not any(d.startswith(("insightface", "pypiqe", "opencv-python==")) for d in deps)
     assert "--no-deps -c requirements.lock -r requirements-nodeps.txt" in (ROOT / "setup.sh").read_text()
+    # the images install the whole lock without resolving (so no opencv-python), and it holds none
+    lock = (ROOT / "requirements.lock").read_text().split()
+    assert not [p for p in lock if p.startswith("opencv-python==")] and "insightface==2.1" in lock
     for name in IMAGES:
         text = (ROOT / "docker" / name).read_text()
-        assert "requirements-nodeps.txt" in text.split("COPY . /build/src")[0] and \
-            re.search(r"pip install --no-deps -r requirements-nodeps\.txt", text), name
+        assert re.search(r"pip install --require-hashes --no-deps -r requirements\.lock\.hashes", text), name

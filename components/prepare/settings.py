@@ -20,6 +20,14 @@ class FilterSettings:
     ocr: bool = True
     ocr_frames: int = 2                # EasyOCR is ~1-2.5 s a frame on a CPU
     max_text_fraction: float = 0.01    # of the frame area covered by text boxes
+    # Text detection (CRAFT) is nearly all of OCR's cost and scales with pixels: run it on a canvas of
+    # this many px on the long side (2560 = the frame's own size, EasyOCR's readtext). 192 is ~7x
+    # cheaper than 512 and finds the fixtures' and shared clips' overlays, but misses glyphs under
+    # ~15 px on a 512 px frame (a small subtitle line that full size finds).
+    ocr_canvas: int = 192
+    # frames whose coarse text fraction is within this factor of max_text_fraction (either way) are
+    # detected again at full size, so decisions near the threshold are full-size OCR's
+    ocr_recheck_factor: float = 2.0
     min_face_confidence: float = 0.8   # YuNet score a detection needs to count at all
     # A face counts when tracked (IoU) across the sampled frames in >= this share of them: keeps
     # one-frame false positives from dropping a clip; a second person who stays in shot still does.
@@ -67,6 +75,9 @@ class PrepareConfig:
         f = self.filters
         if not 0 < f.face_min_presence <= 1 or not 0 <= f.face_min_size < 1:
             raise ValueError("filters: need 0 < face_min_presence <= 1 and 0 <= face_min_size < 1")
+        if f.ocr_canvas < 32 or f.ocr_recheck_factor < 1:
+            raise ValueError(f"filters: need ocr_canvas >= 32 px (got {f.ocr_canvas}) and "
+                             f"ocr_recheck_factor >= 1 (got {f.ocr_recheck_factor})")
         if self.flow.estimator not in ("dis", "raft"):
             raise ValueError(f"flow.estimator must be dis or raft, not {self.flow.estimator!r}")
         if self.caption.captioner not in ("offline", "vlm"):

@@ -7,10 +7,19 @@
 
 ``latest`` is only rewritten after every file of a checkpoint is in place, so a run
 killed while saving resumes from the previous checkpoint.
+
+DeepSpeed state is pickled, so it is trusted only from the run's own ``OUT/checkpoints/``
+(a prefix only training may write): ``latest`` must name a ``step-NNNNNNNN`` tag, and nothing
+a checkpoint holds may lead outside that folder. It is then unpickled with
+``weights_only=True`` and an allow-list of the few DeepSpeed types its files contain, so a
+foreign object in a shard is refused instead of run.
 """
 from __future__ import annotations
 
+import functools
 import json
+import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +27,21 @@ from pathlib import Path
 from motioncharacter import storage
 
 ROOT = "checkpoints"
+TAG = re.compile(r"step-\d{8}")  # what tag() writes; anything else in `latest` is refused
+
+
+class UntrustedCheckpoint(ValueError):
+    """Checkpoint state that would come from outside the run's own checkpoints/ folder."""
+
+
+def check_tag(output: str, step_tag: str) -> str:
+    """``step_tag`` if it names a checkpoint folder directly inside OUT/checkpoints/."""
+    if not TAG.fullmatch(step_tag):
+        raise UntrustedCheckpoint(
+            f"{storage.join(root(output), 'latest')} names {step_tag!r}, not a checkpoint tag of this run "
+            f"(step-NNNNNNNN): refusing to load training state from outside {root(output)}/. "
+            "Remove or fix that file, or train into a fresh --output")
+    return step_tag
 
 
 def tag(step: int) -> str:
@@ -32,7 +56,8 @@ def latest(output: str) -> str | None:
     uri = storage.join(root(output), "latest")
     if not storage.exists(uri):
         return None
-    return storage.read_bytes(uri).decode().strip() or None
+    step_tag = storage.read_bytes(uri).decode().strip()
+    return check_tag(output, step_tag) if step_tag else None
 
 
 def staging_dir(output: str) -> Path:
@@ -58,17 +83,79 @@ def mark_latest(output: str, step_tag: str) -> None:
     storage.write_bytes(storage.join(root(output), "latest"), (step_tag + "\n").encode())
 
 
+def _inside(folder: Path, path: Path, output: str, step_tag: str) -> Path:
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise UntrustedCheckpoint(f"checkpoint {storage.join(root(output), step_tag)} leads outside its folder "
+                                  f"({path} -> {path.resolve()}): refusing to load training state from it")
+    return path
+
+
 def fetch(output: str, step_tag: str, download: bool = True) -> Path:
     """The checkpoint as a local folder (downloaded from s3:// when ``download``; on one process
-    per node, the others pass False and find it there); returns its root."""
+    per node, the others pass False and find it there); returns its root. Every file must lie
+    inside the checkpoint's own folder: no ``..`` key, no symlink out."""
+    check_tag(output, step_tag)
     local_root = staging_dir(output)
+    folder = local_root / step_tag
     if storage.is_s3(output) and download:
-        storage.download_dir(storage.join(root(output), step_tag), local_root / step_tag)
-    if not (local_root / step_tag / "state.json").is_file():
+        src = storage.join(root(output), step_tag)
+        for f in storage.list_files(src):
+            storage.download_file(f, _inside(folder, folder / f[len(src):].lstrip("/"), output, step_tag))
+    for f in [folder, *folder.rglob("*")] if folder.exists() else []:
+        _inside(folder if f != folder else local_root, f, output, step_tag)
+    if not (folder / "state.json").is_file():
         raise FileNotFoundError(f"checkpoint {storage.join(root(output), step_tag)} is incomplete (no state.json)")
     return local_root
 
 
 def state(output: str, step_tag: str) -> dict:
     """A checkpoint's state.json (step, world_size, zero_stage, mlflow_run_id), read where it lies."""
+    check_tag(output, step_tag)
     return json.loads(storage.read_bytes(storage.join(root(output), step_tag, "state.json")))
+
+
+# ---- unpickling DeepSpeed state with an allow-list -------------------------------------------------
+
+def allowed_globals() -> list:
+    """The non-tensor types DeepSpeed's ZeRO 1-3 / bf16 checkpoints pickle (found with
+    torch.serialization.get_unsafe_globals_in_checkpoint on this project's checkpoints)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@functools.cache
+def _safe_engine_class():
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch engine, but its ``load`` (hard-wired to weights_only=False) unpickles
+        only tensors, containers and ``allowed_globals()``."""
+
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(allowed_globals()):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:  # what torch raises for a global outside the list
+                raise UntrustedCheckpoint(
+                    f"{path} pickles something outside the DeepSpeed allow-list, so it was not loaded "
+                    f"(unpickling it could run code): {str(e).splitlines()[0]}") from None
+
+    return WeightsOnlyCheckpointEngine
+
+
+def load(engine, local_root: Path, step_tag: str) -> None:
+    """``engine.load_checkpoint`` of a fetched checkpoint, unpickling with the allow-list."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    safe_class, current = _safe_engine_class(), engine.checkpoint_engine
+    if not isinstance(current, safe_class):
+        if type(current) is not TorchCheckpointEngine:  # nebula, fast, decoupled: their own torch.load
+            raise UntrustedCheckpoint(f"DeepSpeed checkpoint engine {type(current).__name__} unpickles without "
+                                      "an allow-list; resume with DeepSpeed's default (torch) checkpoint engine")
+        engine.checkpoint_engine = safe_class(None)
+        engine.checkpoint_engine.zipfile_serialization = current.zipfile_serialization
+    engine.load_checkpoint(str(local_root), tag=step_tag)

@@ -26,3 +26,7 @@ for workload in triton mlflow training pipeline; do
   create "s3-$workload" "AWS_ACCESS_KEY_ID=$workload-$(rand 8)" "AWS_SECRET_ACCESS_KEY=$(rand 24)"
 done
 create mlflow-db "POSTGRES_USER=mlflow" "POSTGRES_PASSWORD=$(rand 24)" "POSTGRES_DB=mlflow"
+# MLflow's basic-auth admin (server only) and the user the platform's clients log in as
+create mlflow-admin "MLFLOW_TRACKING_USERNAME=admin-$(rand 4)" "MLFLOW_TRACKING_PASSWORD=$(rand 24)" \
+  "MLFLOW_FLASK_SERVER_SECRET_KEY=$(rand 32)"
+create mlflow-client "MLFLOW_TRACKING_USERNAME=motioncharacter" "MLFLOW_TRACKING_PASSWORD=$(rand 24)"
