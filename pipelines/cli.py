@@ -17,7 +17,10 @@ def add_commands(sub) -> None:
 
     def params(q):
         q.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
-                       help="pipeline parameter, e.g. --param train_steps=8 --param 'ablations=[\"no_id_loss\"]'")
+                       help="pipeline parameter, e.g. --param train_steps=8 --param 'ablations=[\"no_id_loss\"]'; "
+                            "scale with prepare_shards=N (data preparation in N pods), train_nodes=N and "
+                            "gpus_per_node=G (a PyTorchJob per train step, on a cluster) or train_processes=N "
+                            "(N torchrun processes in the step: what works locally)")
 
     r = ps.add_parser("run", help="run the whole pipeline on this machine with kfp.local (SubprocessRunner)")
     r.add_argument("--local", action="store_true", required=True, help="run locally (the only mode of `run`)")

@@ -14,24 +14,42 @@ GPU_IMAGE = "ghcr.io/motioncharacter/motioncharacter:0.1.0-cuda"
 # the pipeline's own MinIO user (k8s/base/minio.yaml, pipeline.json): writes run data and model
 # repositories; Triton, MLflow and training have users of their own
 S3_SECRET = "s3-pipeline"               # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (k8s/secrets)
+MLFLOW_SECRET = "mlflow-client"          # MLFLOW_TRACKING_USERNAME / _PASSWORD (k8s/secrets)
 ENDPOINTS = "motioncharacter-endpoints"  # ConfigMap: MOTIONCHARACTER_S3_ENDPOINT, MLFLOW_TRACKING_URI, ...
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def prepare(data_uri: str, work_uri: str, overrides: list) -> str:
-    from motioncharacter.pipelines.steps import prepare_step, stage_uri
+def shard_plan(count: int) -> list:
+    from motioncharacter.pipelines.steps import shard_indices
 
-    return prepare_step(data_uri, stage_uri(work_uri, "prepared"), overrides)
+    return shard_indices(count)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def prepare_shard(data_uri: str, work_uri: str, index: int, count: int, overrides: list) -> str:
+    from motioncharacter.pipelines.steps import prepare_shard_step, stage_uri
+
+    return prepare_shard_step(data_uri, stage_uri(work_uri, "prepared"), index, count, overrides)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def prepare(data_uri: str, work_uri: str, shards: int, overrides: list) -> str:
+    """Merges the shards into the dataset's manifest (``data_uri`` keys the cache)."""
+    from motioncharacter.pipelines.steps import merge_step, stage_uri
+
+    return merge_step(stage_uri(work_uri, "prepared"), shards, overrides)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train(manifest_uri: str, work_uri: str, preset: str, weights: str, steps: int, ablation: str,
-          overrides: list) -> str:
+          overrides: list, train_nodes: int, gpus_per_node: int, train_processes: int, keep_train_job: bool,
+          image: str) -> str:
     from motioncharacter.pipelines.steps import stage_uri, train_step
 
     manifest_uri = manifest_uri or stage_uri(work_uri, "prepared", "manifest.jsonl")
     return train_step(manifest_uri, stage_uri(work_uri, "train", ablation), preset, weights, steps, ablation,
-                      overrides)
+                      overrides, train_nodes=train_nodes, gpus_per_node=gpus_per_node,
+                      train_processes=train_processes, keep_train_job=keep_train_job, image=image)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
@@ -43,13 +61,15 @@ def evaluate(weights_uri: str, eval_set: str, work_uri: str, ablation: str, limi
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def quality_gate(summary: str, thresholds: dict) -> bool:
+def quality_gate(summary: str, thresholds: dict, champion_rule: str) -> bool:
     import json
 
-    from motioncharacter.pipelines.steps import gate
+    from motioncharacter.pipelines.steps import gate, gate_aliases
 
-    passed, why = gate(json.loads(summary).get("metrics", {}), thresholds)
+    result = json.loads(summary)
+    passed, why = gate(result.get("metrics", {}), thresholds)
     print(f"evaluation gate {'passed' if passed else 'failed'}: {why}")
+    print(gate_aliases(result, passed, thresholds, champion_rule))  # registry aliases challenger / champion
     return passed
 
 
@@ -72,6 +92,8 @@ def _cluster_settings(task, gpu: bool = False, retries: int = 1):
     """Secrets and endpoints as env, GPU requests, retries; ignored by the local runner."""
     kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={
         "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
+    kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET, secret_key_to_env={  # basic-auth user
+        "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"})
     kubernetes.use_config_map_as_env(task, config_map_name=ENDPOINTS, config_map_key_to_env={
         "MOTIONCHARACTER_S3_ENDPOINT": "MOTIONCHARACTER_S3_ENDPOINT",
         "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
@@ -95,6 +117,9 @@ def motioncharacter_pipeline(
     eval_limit: int = 2,
     # {metric: minimum} or {metric: {"min": a, "max": b}}; names as `motioncharacter evaluate` reports them
     thresholds: dict = {"motion_smoothness_flowinterp": 0.5},
+    # a passing version becomes @challenger; @champion when this rule says it beats the champion:
+    # "auto" (the first threshold's metric), "METRIC", "METRIC:lower", or "manual" (`registry promote`)
+    champion_rule: str = "auto",
     ablations: list = [],
     prepare_overrides: list = ["filters.ocr=false"],
     train_overrides: list = [],
@@ -103,17 +128,40 @@ def motioncharacter_pipeline(
     triton_url: str = "",
     # extra Triton inputs for the smoke video: ID-Animator / DreaMoving modes and weights
     generation_options: dict = {},
+    # data preparation fans out over this many slices of the input listing, one pod each, then merges
+    prepare_shards: int = 1,
+    # > 1 node or GPU: each train step launches a Training Operator PyTorchJob of that size
+    # (pipelines/launch.py); train_processes > 1 runs that many processes in the step itself
+    # (torchrun; what `pipeline run --local` can do); keep_train_job leaves the finished job
+    train_nodes: int = 1,
+    gpus_per_node: int = 1,
+    train_processes: int = 1,
+    keep_train_job: bool = False,
+    train_image: str = GPU_IMAGE,
 ):
-    prep = _cluster_settings(prepare(data_uri=data_uri, work_uri=work_uri, overrides=prepare_overrides))
+    plan = shard_plan(count=prepare_shards)
+    plan.set_caching_options(True)
+    # Each shard writes its records into the one prepared/ folder; its output stays in the loop
+    # (kfp.local replaces task outputs entering a ParallelFor), the merge below waits for all.
+    with dsl.ParallelFor(items=plan.output, name="prepare-shards") as shard:
+        part = _cluster_settings(prepare_shard(data_uri=data_uri, work_uri=work_uri, index=shard,
+                                               count=prepare_shards, overrides=prepare_overrides))
+        part.set_caching_options(True)  # same inputs, same shard
+    prep = _cluster_settings(prepare(data_uri=data_uri, work_uri=work_uri, shards=prepare_shards,
+                                     overrides=prepare_overrides))
+    prep.after(part)
     prep.set_caching_options(True)  # same inputs, same dataset: reuse it
+    launch = {"train_nodes": train_nodes, "gpus_per_node": gpus_per_node, "train_processes": train_processes,
+              "keep_train_job": keep_train_job, "image": train_image}
     main = _cluster_settings(train(manifest_uri=prep.output, work_uri=work_uri, preset=preset, weights=weights,
-                                   steps=train_steps, ablation="full", overrides=train_overrides), gpu=True, retries=3)
+                                   steps=train_steps, ablation="full", overrides=train_overrides, **launch),
+                             gpu=True, retries=3)
     main.set_caching_options(False)
     ev = _cluster_settings(evaluate(weights_uri=main.output, eval_set=eval_set, work_uri=work_uri, ablation="full",
                                     limit=eval_limit, overrides=eval_overrides), gpu=True)
     ev.set_caching_options(False)
     # a separate single-output step: kfp.local resolves conditions on a task's `Output` only
-    ok = quality_gate(summary=ev.output, thresholds=thresholds)
+    ok = quality_gate(summary=ev.output, thresholds=thresholds, champion_rule=champion_rule)
     ok.set_caching_options(False)
     with dsl.If(ok.output == True, name="evaluation-gate"):  # noqa: E712 (a kfp condition)
         dep = _cluster_settings(deploy(weights_uri=main.output, model_repository=model_repository))
@@ -125,7 +173,7 @@ def motioncharacter_pipeline(
     # every task output entering a ParallelFor with the loop item (kfp 2.17), so none may enter.
     with dsl.ParallelFor(items=ablations, name="ablations") as variant:
         t = _cluster_settings(train(manifest_uri="", work_uri=work_uri, preset=preset, weights=weights,
-                                    steps=train_steps, ablation=variant, overrides=train_overrides),
+                                    steps=train_steps, ablation=variant, overrides=train_overrides, **launch),
                               gpu=True, retries=3)
         t.after(prep)
         t.set_caching_options(False)

@@ -58,6 +58,37 @@ def prepare_step(data_uri: str, output_uri: str, overrides: list[str]) -> str:
     return storage.join(output_uri, "manifest.jsonl")
 
 
+def shard_indices(count: int) -> list[int]:
+    """The items of the pipeline's shard loop."""
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"prepare_shards={count!r}: must be an integer >= 1")
+    return list(range(count))
+
+
+def prepare_shard_step(data_uri: str, output_uri: str, index: int, count: int, overrides: list[str]) -> str:
+    """One shard of data preparation into the shared ``output_uri``; returns its results file."""
+    from motioncharacter.components.prepare.stage import shard_file
+
+    if data_uri == "fixtures":  # the same files in a folder of its own: kfp.local runs the shards at once
+        from motioncharacter.fixtures import write_fixtures
+
+        data_uri = str(write_fixtures(Path(tempfile.gettempdir()) / f"motioncharacter-fixtures-{index}-of-{count}"))
+    args = ["data", "prepare", data_uri, "--output", output_uri, "--no-progress", "--shard", f"{index}/{count}"]
+    for o in overrides:
+        args += ["--set", o]
+    _cli(args)
+    return shard_file(output_uri, index, count)
+
+
+def merge_step(output_uri: str, count: int, overrides: list[str]) -> str:
+    """The manifest over all shards (resampling weights over the whole dataset), the MLflow run."""
+    args = ["data", "merge", output_uri, "--shards", str(count)]
+    for o in overrides:
+        args += ["--set", o]
+    _cli(args)
+    return storage.join(output_uri, "manifest.jsonl")
+
+
 def assemble_weights(train_output: str, preset: str, base_weights: str, dest: str) -> str:
     """A full weights folder (diffusers layout + adapter/) from the base and a trained adapter,
     so generate, evaluate and deploy all take one ``--weights`` URI."""
@@ -69,17 +100,23 @@ def assemble_weights(train_output: str, preset: str, base_weights: str, dest: st
     else:
         storage.download_dir(base_weights, local) if storage.is_s3(base_weights) else \
             shutil.copytree(base_weights, local, dirs_exist_ok=True)
-    adapter = local / "adapter"
-    if adapter.exists():
-        shutil.rmtree(adapter)
-    storage.download_dir(storage.join(train_output, "adapter"), adapter)
+    # what training exported replaces the base's: the adapter (or the face adapter / Content Guider of
+    # train.mode id-animator / dreamoving) and, with model.train_motion_module, the trained motion_adapter/
+    found = [s for s in ("adapter", "face_adapter", "content_guider", "motion_adapter")
+             if storage.exists(storage.join(train_output, s, "config.json"))]
+    if not set(found) - {"motion_adapter"}:
+        raise FileNotFoundError(f"{train_output} holds no trained adapter/, face_adapter/ or content_guider/")
+    for sub in found:
+        if (local / sub).exists():
+            shutil.rmtree(local / sub)
+        storage.download_dir(storage.join(train_output, sub), local / sub)
     publish()
     return dest
 
 
-def train_step(manifest_uri: str, output_uri: str, preset: str, weights: str, steps: int, ablation: str,
-               overrides: list[str]) -> str:
-    """Train one variant (resuming if a checkpoint exists); returns a full weights URI."""
+def train_args(manifest_uri: str, output_uri: str, preset: str, weights: str, steps: int, ablation: str,
+               overrides: list[str]) -> list[str]:
+    """``motioncharacter train ...`` of one variant, the same in every branch (in-step, torchrun, PyTorchJob)."""
     if ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}; one of {', '.join(ABLATIONS)}")
     args = ["train", "--data", manifest_uri, "--output", output_uri, "--steps", str(steps), "--resume",
@@ -87,8 +124,45 @@ def train_step(manifest_uri: str, output_uri: str, preset: str, weights: str, st
     args += ["--preset", preset] if preset else ["--weights", weights]
     for o in ABLATIONS[ablation] + list(overrides):
         args += ["--set", o]
-    _cli(args)
+    return args
+
+
+def train_step(manifest_uri: str, output_uri: str, preset: str, weights: str, steps: int, ablation: str,
+               overrides: list[str], train_nodes: int = 1, gpus_per_node: int = 1, train_processes: int = 1,
+               keep_train_job: bool = False, image: str = "") -> str:
+    """Train one variant (resuming if a checkpoint exists); returns a full weights URI.
+
+    One process here by default; ``train_processes`` > 1 runs them under torchrun in this step;
+    ``train_nodes`` or ``gpus_per_node`` > 1 launch a PyTorchJob of that size (pipelines/launch.py)."""
+    from . import launch
+
+    args = train_args(manifest_uri, output_uri, preset, weights, steps, ablation, overrides)
+    mode = launch.plan(train_nodes, gpus_per_node, train_processes)
+    log.info("training %s: %s (nodes %d, GPUs per node %d, processes %d)", ablation, mode, train_nodes,
+             gpus_per_node, train_processes)
+    if mode == launch.IN_STEP:
+        _cli(args)
+    elif mode == launch.LOCAL:
+        launch.run_torchrun(train_processes, args)
+    else:
+        launch.launch_job(launch.pytorchjob_manifest(train_job_spec(args, output_uri, manifest_uri, train_nodes,
+                                                                    gpus_per_node, image)), keep=keep_train_job)
     return assemble_weights(output_uri, preset, weights, storage.join(output_uri, "weights"))
+
+
+def train_job_spec(args: list[str], output_uri: str, manifest_uri: str, nodes: int, gpus_per_node: int,
+                   image: str, namespace: str = "") -> "launch.JobSpec":
+    """The PyTorchJob for ``args``, in this step's namespace, with the pipeline's identity and endpoints."""
+    from . import launch, pipeline
+
+    for what, uri in (("the manifest", manifest_uri), ("the training output", output_uri)):
+        if not storage.is_s3(uri):
+            raise ValueError(f"{what} {uri!r} is a local path, which the PyTorchJob's pods cannot see: "
+                             "give the pipeline an s3:// work_uri")
+    return launch.JobSpec(name=launch.job_name(output_uri), namespace=namespace or launch.current_namespace(),
+                          image=image or pipeline.GPU_IMAGE, train_args=args, nodes=nodes,
+                          gpus_per_node=gpus_per_node, s3_secret=pipeline.S3_SECRET, endpoints=pipeline.ENDPOINTS,
+                          mlflow_secret=getattr(pipeline, "MLFLOW_SECRET", ""))  # the steps' MLflow login, if any
 
 
 def evaluate_step(weights_uri: str, eval_set: str, output_uri: str, limit: int, overrides: list[str],
@@ -134,22 +208,45 @@ def gate(metrics: dict, thresholds: dict) -> tuple[bool, str]:
     return not problems, "; ".join(problems) or "all thresholds met"
 
 
-def deploy_step(weights_uri: str, model_repository: str) -> str:
-    _cli(["deploy", "--weights", weights_uri, "--model-repository", model_repository, "--copy-weights"])
+def gate_aliases(summary: dict, passed: bool, thresholds: dict, champion_rule: str) -> str:
+    """After the gate: the evaluated registered version becomes @challenger when it passed, and
+    @champion when ``champion_rule`` says it beats the champion (registry.ChampionRule.parse)."""
+    version = summary.get("registered_model")
+    if not version:
+        return "the evaluated weights are not a registered version: no alias set"
+    if not passed:
+        return f"{version['uri']} did not pass: aliases unchanged"
+    from motioncharacter import registry
+
+    rule = registry.ChampionRule.parse(champion_rule, thresholds)
+    return registry.gate_passed(version["name"], int(version["version"]), rule)
+
+
+def deploy_step(weights_uri: str, model_repository: str, triton_url: str = "") -> str:
+    """Write the weights as the repository's next model version; with ``triton_url``, that server
+    (explicit model control, admin key in MOTIONCHARACTER_TRITON_ADMIN_KEY) loads, warms up and
+    then serves it. The smoke step checks the version served."""
+    _cli(["deploy", "--weights", weights_uri, "--model-repository", model_repository, "--copy-weights",
+          *(["--url", triton_url] if triton_url else [])])
     return model_repository
 
 
 def smoke_step(model_repository: str, triton_url: str, output_uri: str, prompt: str, action: str,
-               intensity: float, options: dict | None = None) -> str:
+               intensity: float, options: dict | None = None, version_wait_s: float = 300.0) -> str:
     """Generate one video through Triton: the given endpoint, or a local server on the repository.
 
     ``options`` are further Triton inputs (see serving/request_args.py), e.g. ID-Animator's
     ``{"mode": "id-animator"}`` or DreaMoving's ``{"mode": "dreamoving", "face_weight": 0.5}``;
-    the defaults suit the tiny preset (8 frames of 64x64, 4 steps)."""
+    the defaults suit the tiny preset (8 frames of 64x64, 4 steps).
+
+    With a ``model_repository``, the endpoint must serve the version the repository names (the
+    deploy's; a polling server gets ``version_wait_s`` to pick it up), and the request goes to
+    that version only."""
     import contextlib
 
     from motioncharacter.fixtures import package_face
     from motioncharacter.serving.client import MotionCharacterClient
+    from motioncharacter.serving.repository import served_version
     from motioncharacter.serving.server import TritonServer
     from motioncharacter.video import encode_video
 
@@ -159,11 +256,14 @@ def smoke_step(model_repository: str, triton_url: str, output_uri: str, prompt: 
         params.pop("action")  # ID-Animator and DreaMoving have no motion control: the action is in the prompt
     ctx = contextlib.nullcontext(None) if triton_url else TritonServer(
         model_repository, http_port=None, grpc_port=None, metrics_port=None)
+    expected = served_version(model_repository) if model_repository else None
     with ctx as server:
         url = triton_url or server.http_url
-        with MotionCharacterClient(url, timeout_s=600) as client:
+        with MotionCharacterClient(url, timeout_s=600, version=expected or 0) as client:
+            if expected:
+                client.wait_for_version(expected, timeout_s=version_wait_s)
             frames = client.generate(package_face("grace_hopper"), prompt, **params).frames
     target = storage.join(output_uri, "smoke.mp4")
     storage.write_bytes(target, encode_video(frames, "mp4", 8.0))
-    log.info("video generated through Triton at %s: %s", url, target)
+    log.info("video generated through Triton at %s (model version %s): %s", url, expected or "any", target)
     return target

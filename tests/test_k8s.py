@@ -123,6 +123,48 @@ def test_validator_rejects_unknown_fields_unknown_kinds_and_bad_pytorchjobs():
     assert any("mountpath" in p for p in problems)
 
 
+# --- the PyTorchJob the pipeline's train step launches (pipelines/launch.py) -----------------
+
+@pytest.mark.parametrize("nodes, gpus", [(1, 2), (2, 8)])
+def test_launched_pytorchjob_validates_offline_in_the_shape_of_k8s_training(nodes, gpus):
+    from motioncharacter.pipelines import launch
+    from motioncharacter.pipelines.steps import train_args, train_job_spec
+
+    out, data = "s3://pipelines/motioncharacter/run/train/full", "s3://pipelines/motioncharacter/run/prepared/m.jsonl"
+    args = train_args(data, out, "", "s3://models/sd15-animatediff", 100, "no_id_loss", [])
+    job = launch.pytorchjob_manifest(train_job_spec(args, out, data, nodes, gpus, "", namespace="motioncharacter"))
+    schema = kv.CUSTOM_SCHEMAS[("kubeflow.org/v1", "PyTorchJob")]
+    assert kv._check_custom(job, schema) == []
+    templates = kv._pod_templates(job)
+    problems, passed = kv.kubernetes_validate(templates)  # each replica's pod, strictly
+    assert problems == [] and len(passed) == len(templates) == (2 if nodes > 1 else 1)
+    bad = copy.deepcopy(job)
+    bad["spec"]["nprocPerNode"] = gpus  # the operator's field is a string
+    assert any("nprocPerNode" in p for p in kv._check_custom(bad, schema))
+
+    # the same pod as k8s/training's job: locked down, GPU nodes, the operator's port and container name
+    base = find(rendered("training/overlays/production"), "PyTorchJob", "motioncharacter-train")[
+        "spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    mine = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    for key in ("securityContext", "terminationGracePeriodSeconds", "automountServiceAccountToken", "nodeSelector",
+                "tolerations"):
+        assert mine["spec"][key] == base["spec"][key], key
+    (bc,), (mc,) = base["spec"]["containers"], mine["spec"]["containers"]
+    for key in ("name", "command", "securityContext", "ports"):
+        assert mc[key] == bc[key], key
+    assert mc["args"][:3] == bc["args"][:3] and volume(mine["spec"], "dshm") == volume(base["spec"], "dshm")
+    assert set(env(bc)) <= set(env(mc))
+    # ...but the pipeline's object-store identity: it reads and writes the pipeline's work_uri
+    assert env(mc)["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-pipeline"
+    pipeline_policy = _policies()["pipeline"]
+    assert allows(pipeline_policy, "s3:GetObject", _obj(data)) and allows(pipeline_policy, "s3:PutObject", _obj(out))
+    assert allows(pipeline_policy, "s3:GetObject", _obj("s3://models/sd15-animatediff"))
+    # and the labels that open the training-peers NetworkPolicy between its pods
+    peers = next(p for p in rendered("overlays/production")
+                 if p["kind"] == "NetworkPolicy" and p["metadata"]["name"] == "training-peers")
+    assert _selects(peers["spec"]["podSelector"], mine["metadata"]["labels"])
+
+
 # --- Triton -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overlay", SERVICE_OVERLAYS)
@@ -315,7 +357,7 @@ def _secret_templates() -> dict[str, dict]:
 
 def test_secret_templates_hold_only_placeholders():
     templates = _secret_templates()
-    assert set(templates) == {*WORKLOAD_SECRETS.values(), "minio-root", "mlflow-db"}
+    assert set(templates) == {*WORKLOAD_SECRETS.values(), "minio-root", "mlflow-db", "mlflow-admin", "mlflow-client"}
     for name, doc in templates.items():
         assert doc["kind"] == "Secret" and "data" not in doc, name
         assert doc["metadata"]["annotations"]["motioncharacter.io/template"] == "true"
@@ -380,10 +422,11 @@ EXPECTED_SECRETS = {
     "StatefulSet/minio": {"minio-root"},
     "Job/minio-setup": {"minio-root", *WORKLOAD_SECRETS.values()},
     "StatefulSet/mlflow-postgres": {"mlflow-db"},
-    "Deployment/mlflow": {"mlflow-db", "s3-mlflow"},
+    "Deployment/mlflow": {"mlflow-db", "s3-mlflow", "mlflow-admin"},
+    "Job/mlflow-setup": {"mlflow-admin", "mlflow-client"},
     "Deployment/triton": {"s3-triton"},
-    "PyTorchJob/motioncharacter-train/Master": {"s3-training"},
-    "PyTorchJob/motioncharacter-train/Worker": {"s3-training"},
+    "PyTorchJob/motioncharacter-train/Master": {"s3-training", "mlflow-client"},
+    "PyTorchJob/motioncharacter-train/Worker": {"s3-training", "mlflow-client"},
 }
 
 
@@ -616,14 +659,105 @@ def test_pipeline_rbac_is_least_privilege():
     assert secrets["verbs"] == ["get"] and secrets["resourceNames"]
     # the pipeline's own object-store user, none of the other workloads' and not MinIO's root
     assert set(secrets["resourceNames"]) == {"s3-pipeline", "mlpipeline-minio-artifact"}
-    assert set(rules[(("",), ("pods",))]["verbs"]) >= {"get", "watch", "create"}
+    # no pod create (a created pod could mount any Secret) and no pod patch (an image swap in a
+    # pod holding another workload's Secret): read-only on pods
+    assert set(rules[(("",), ("pods",))]["verbs"]) == {"get", "list", "watch"}
     assert "create" in rules[(("",), ("persistentvolumeclaims",))]["verbs"]
+    # the train step launches, follows and deletes its PyTorchJob (pipelines/launch.py); no update/patch
+    assert set(rules[(("kubeflow.org",), ("pytorchjobs",))]["verbs"]) == {"get", "list", "watch", "create", "delete"}
     assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in role["rules"])
     binding = find(docs, "RoleBinding", "motioncharacter-pipeline")
     assert binding["roleRef"]["name"] == "motioncharacter-pipeline"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "motioncharacter-pipeline",
                                     "namespace": "motioncharacter"}]
     find(docs, "ServiceAccount", "motioncharacter-pipeline")
+
+
+def test_no_role_bound_to_the_pipeline_account_can_create_pods_or_read_other_secrets():
+    """Over every Role and ClusterRole bound to the pipeline account: no pod create/patch/update,
+    no pods/exec, secrets only by name and only its own, no escalate/bind/impersonate."""
+    docs = rendered("overlays/production")
+    subject = {"kind": "ServiceAccount", "name": "motioncharacter-pipeline", "namespace": "motioncharacter"}
+    bound = [b["roleRef"] for b in docs if b["kind"] in ("RoleBinding", "ClusterRoleBinding")
+             and subject in b.get("subjects", [])]
+    assert bound
+    for ref in bound:
+        role = find(docs, ref["kind"], ref["name"])
+        for r in role["rules"]:
+            res, verbs = set(r["resources"]), set(r["verbs"])
+            assert "*" not in verbs | res | set(r["apiGroups"]), r
+            assert not ({"pods", "pods/exec", "pods/attach", "pods/ephemeralcontainers"} & res
+                        and {"create", "update", "patch"} & verbs), r
+            assert not ({"escalate", "bind", "impersonate"} & verbs), r
+            assert not ({"deployments", "statefulsets", "jobs", "cronjobs", "replicasets", "daemonsets"} & res), r
+            if "secrets" in res:
+                assert verbs == {"get"} and set(r["resourceNames"]) == {"s3-pipeline", "mlpipeline-minio-artifact"}
+
+
+def test_pytorchjobs_from_the_pipeline_are_held_to_its_own_secret():
+    """The one way the pipeline starts pods, a PyTorchJob, is checked at admission for exactly
+    the pipeline account: its own Secret only, the default ServiceAccount."""
+    docs = rendered("overlays/production")
+    policy = find(docs, "ValidatingAdmissionPolicy", "motioncharacter-pipeline-pytorchjobs")
+    binding = find(docs, "ValidatingAdmissionPolicyBinding", "motioncharacter-pipeline-pytorchjobs")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"] and binding["spec"]["validationActions"] == ["Deny"]
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == ["pytorchjobs"] and set(rule["operations"]) == {"CREATE", "UPDATE"}
+    (cond,) = policy["spec"]["matchConditions"]
+    assert "system:serviceaccount:motioncharacter:motioncharacter-pipeline" in cond["expression"]
+    text = " ".join(v["expression"] for v in policy["spec"]["validations"] + policy["spec"]["variables"])
+    for field in ("secretKeyRef", "envFrom", "secretRef", "v.secret", "projected", "initContainers",
+                  "serviceAccountName"):
+        assert field in text, field
+    assert "['s3-pipeline', 'mlflow-client']" in text
+    # what the train step launches passes the policy's own conditions
+    from motioncharacter.pipelines import launch
+
+    job = launch.pytorchjob_manifest(launch.JobSpec(name="t", namespace="motioncharacter", image="i",
+                                                    train_args=["train"], nodes=2, gpus_per_node=1))
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        assert pod.get("serviceAccountName", "default") == "default"
+        refs = secret_refs(pod)
+        assert refs == {"s3-pipeline", "mlflow-client"}, refs
+
+
+@pytest.mark.parametrize("overlay", SERVICE_OVERLAYS)
+def test_mlflow_is_behind_basic_auth_with_credentials_from_secrets(overlay):
+    import configparser
+
+    docs = rendered(overlay)
+    (c,) = containers(find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"])
+    assert "--app-name=basic-auth" in c["args"] and c["command"] == ["sh", "-c"]
+    e = env(c)
+    for var in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert e[var]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-admin", var
+    assert e["MLFLOW_AUTH_CONFIG_PATH"]["value"] == "/tmp/basic_auth.ini"
+    assert "/tmp/basic_auth.ini" in c["args"][0] and "$MLFLOW_BACKEND_STORE_URI" in c["args"][0]
+    ini = configparser.ConfigParser()
+    ini.read_string(find(docs, "ConfigMap", "mlflow-auth")["data"]["basic_auth.ini"])
+    assert ini["mlflow"]["default_permission"] == "READ" and ini["mlflow"]["database_uri"] == "@DATABASE_URI@"
+    assert "admin_password" not in ini["mlflow"]  # never in a ConfigMap
+    setup = containers(find(docs, "Job", "mlflow-setup")["spec"]["template"]["spec"])[0]
+    assert "create_user" in setup["args"][0]
+    assert {k: v["valueFrom"]["secretKeyRef"]["name"] for k, v in env(setup).items() if "valueFrom" in v
+            and "secretKeyRef" in v["valueFrom"]} == {"ADMIN_USERNAME": "mlflow-admin", "ADMIN_PASSWORD": "mlflow-admin",
+                                                       "CLIENT_USERNAME": "mlflow-client",
+                                                       "CLIENT_PASSWORD": "mlflow-client"}
+
+
+def test_mlflow_clients_log_in_from_their_environment_and_the_names_count_as_secrets():
+    from motioncharacter import tracking
+
+    pt = find(rendered("training/overlays/production"), "PyTorchJob")[0]
+    for role in ("Master", "Worker"):
+        e = env(containers(pt["spec"]["pytorchReplicaSpecs"][role]["template"]["spec"])[0])
+        for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            assert e[var]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-client", "key": var}
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "mlflow.tracking_username"):
+        assert tracking.is_secret_key(var.lower()), var
+    assert "MLFLOW_TRACKING_PASSWORD" in tracking._SECRET_ENV
 
 
 def test_everything_lives_in_the_namespace():

@@ -24,9 +24,9 @@ def test_ir_has_every_component(ir):
     for name in ("comp-prepare", "comp-train", "comp-evaluate", "comp-quality-gate", "comp-deploy", "comp-smoke-test"):
         assert name in comps
     tasks = spec["root"]["dag"]["tasks"]
-    assert {"prepare", "train", "evaluate", "quality-gate", "condition-1", "for-loop-2"} <= set(tasks)
-    assert "pipelinechannel--quality-gate-Output" in tasks["condition-1"]["triggerPolicy"]["condition"]
-    loop = tasks["for-loop-2"]
+    assert {"prepare", "train", "evaluate", "quality-gate", "condition-2", "for-loop-3"} <= set(tasks)
+    assert "pipelinechannel--quality-gate-Output" in tasks["condition-2"]["triggerPolicy"]["condition"]
+    loop = tasks["for-loop-3"]  # for-loop-1 is the prepare shards' (tests/test_launch.py)
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--ablations"
     # the ablation loop waits for the data, and no task output enters it (see pipeline.py)
     assert loop["dependentTasks"] == ["prepare"]
@@ -40,9 +40,9 @@ def test_ir_kubernetes_settings(ir):
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert len(executors) >= 5
     for ex in executors.values():
-        secrets = {kv["secretKey"] for s in ex["secretAsEnv"] for kv in s["keyToEnv"]}
-        assert secrets == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-        assert ex["secretAsEnv"][0]["secretName"] == "s3-pipeline"
+        secrets = {s["secretName"]: {kv["secretKey"] for kv in s["keyToEnv"]} for s in ex["secretAsEnv"]}
+        assert secrets == {"s3-pipeline": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+                           "mlflow-client": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}}
         assert any(c["configMapName"] == "motioncharacter-endpoints" for c in ex["configMapAsEnv"])
     gpu = [e["container"] for n, e in spec["deploymentSpec"]["executors"].items()
            if "train" in n or "evaluate" in n]

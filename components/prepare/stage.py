@@ -30,7 +30,7 @@ from .resample import balance_weights, cap, histogram_png
 from .settings import PrepareConfig
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 2  # 2: tracked face filter, animated inputs and VFR video sampled by time
+SCHEMA_VERSION = 3  # 2: tracked face filter, animated inputs and VFR video sampled by time; 3: landmarks
 TRANSIENT_TRIES = 3        # per input, for failures of a service rather than of the input
 TRANSIENT_BACKOFF_S = 2.0  # doubled after each try
 
@@ -97,7 +97,8 @@ def _check_frames(frames: np.ndarray, cfg: PrepareConfig, tools: Tools, info: di
     if reason:
         reasons.append(reason)
     if fc.ocr and not reasons:  # OCR is the expensive one: skip it for clips already dropped
-        reason, t = filters.check_text(frames[_evenly(len(frames), fc.ocr_frames)], fc.max_text_fraction)
+        reason, t = filters.check_text(frames[_evenly(len(frames), fc.ocr_frames)], fc.max_text_fraction,
+                                       fc.ocr_canvas, fc.ocr_recheck_factor)
         info.update(t)
         if reason:
             reasons.append(reason)
@@ -183,7 +184,13 @@ def _save_artifacts(stage_dir: Path, clip_id: str, frames, faces, masks, cfg: Pr
         p = base / "faces" / f"{i:03d}.jpg"
         cv2.imwrite(str(stage_dir / p), cv2.cvtColor(crop(frames[i], faces[i], size=o.face_size), cv2.COLOR_RGB2BGR), enc)
         face_paths.append(p.as_posix())
-    return {"frames": frame_paths, "masks": (base / "masks.npz").as_posix(), "faces": face_paths}
+    # the kept face's 5 landmarks per frame (pixels of the saved frame; None where it was not
+    # detected): the ID loss aligns decoded frames to the ArcFace template with them
+    landmarks = [None if f is None else np.round(f.landmarks.astype(np.float64), 2).tolist() for f in faces]
+    if len(frames) == 1:
+        landmarks = landmarks * cfg.sampling.num_frames
+    return {"frames": frame_paths, "masks": (base / "masks.npz").as_posix(), "faces": face_paths,
+            "landmarks": landmarks}
 
 
 def process_input(local: Path, name: str, key: str, cfg: PrepareConfig, tools: Tools, stage_dir: Path) -> dict:
@@ -256,22 +263,103 @@ def _contact_sheet(kept: list[dict], stage_dir: Path, path: Path, output_uri: st
     return path
 
 
-def prepare(input_uri: str, output_uri: str, cfg: PrepareConfig, *, track: bool = True, progress: bool = True) -> dict:
-    """Run the stage; returns the summary (also written to OUT/summary.json)."""
-    from tqdm import tqdm
+def list_inputs(input_uri: str) -> list[str]:
+    """The stage's inputs, sorted (hidden files left out): the listing every shard splits alike."""
+    inputs = [u for u in storage.list_files(input_uri) if not Path(u).name.startswith(".")]
+    if not inputs:
+        raise ValueError(f"input {input_uri} holds no files")
+    return inputs
 
+
+def shard_inputs(inputs: list[str], index: int, count: int) -> list[str]:
+    """Shard ``index`` of ``count``: contiguous, near-equal slices of the sorted listing, so the
+    shards in order are the listing in order. Which shard does an input does not matter for
+    resuming: records are keyed by content + settings in the one shared OUT/records/."""
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {index} of {count}: need count >= 1 and 0 <= index < count")
+    q, r = divmod(len(inputs), count)
+    start = index * q + min(index, r)
+    return inputs[start:start + q + (index < r)]
+
+
+def shard_file(output_uri: str, index: int, count: int) -> str:
+    return storage.join(output_uri, "shards", f"{index}-of-{count}.json")
+
+
+def _stage_dir(output_uri: str) -> Path:
+    remote = storage.is_s3(output_uri)
+    d = (storage.cache_dir() / "prepare" / hashlib.sha256(output_uri.encode()).hexdigest()[:16]
+         if remote else Path(output_uri))
+    (d / "records").mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def prepare(input_uri: str, output_uri: str, cfg: PrepareConfig, *, track: bool = True, progress: bool = True,
+            shard: tuple[int, int] | None = None) -> dict:
+    """Run the stage; returns the summary (also written to OUT/summary.json).
+
+    With ``shard=(i, n)`` only the i-th of n slices of the listing is processed (records and
+    artifacts into OUT as usual) and its records go to OUT/shards/i-of-n.json instead of a
+    manifest; ``merge_shards`` then writes the one manifest over all shards."""
+    if shard is not None:
+        return _prepare_shard(input_uri, output_uri, cfg, *shard, progress=progress)
     t_start = time.perf_counter()
     if track:  # fail before the work, not after it, when the tracking server is down
         from motioncharacter.tracking import check_server
 
         check_server()
-    inputs = [u for u in storage.list_files(input_uri) if not Path(u).name.startswith(".")]
-    if not inputs:
-        raise ValueError(f"input {input_uri} holds no files")
+    records, resumed, estimator = _process(list_inputs(input_uri), output_uri, cfg, progress)
+    return _finish(records, resumed, estimator, input_uri, output_uri, cfg, track, time.perf_counter() - t_start)
+
+
+def _prepare_shard(input_uri: str, output_uri: str, cfg: PrepareConfig, index: int, count: int,
+                   progress: bool) -> dict:
+    t_start = time.perf_counter()
+    mine = shard_inputs(list_inputs(input_uri), index, count)
+    records, resumed, estimator = _process(mine, output_uri, cfg, progress)
+    result = {"input": input_uri, "output": output_uri, "shard": index, "shards": count, "inputs": len(records),
+              "resumed": resumed, "flow_estimator": estimator, "settings_hash": settings_hash(cfg),
+              "seconds": round(time.perf_counter() - t_start, 2), "records": records}
+    storage.write_bytes(shard_file(output_uri, index, count), json.dumps(result).encode())
+    transient = sum(filters.reason_code(x) == "transient" for r in records for x in r["reasons"])
+    if transient:
+        raise PrepareIncomplete({"output": output_uri, "dropped_by_reason": {"transient": transient}})
+    return {k: v for k, v in result.items() if k != "records"}
+
+
+def merge_shards(output_uri: str, count: int, cfg: PrepareConfig, *, track: bool = True) -> dict:
+    """One manifest from the ``count`` shards in OUT/shards/, with the intensity resampling
+    weights recomputed over the whole dataset; the same outputs as an unsharded ``prepare``."""
+    t_start = time.perf_counter()
+    if track:
+        from motioncharacter.tracking import check_server
+
+        check_server()
+    parts = []
+    for i in range(count):
+        uri = shard_file(output_uri, i, count)
+        if not storage.exists(uri):
+            raise FileNotFoundError(f"shard {i} of {count} has no results at {uri}: run "
+                                    f"`motioncharacter data prepare INPUT --output {output_uri} --shard {i}/{count}`")
+        parts.append(json.loads(storage.read_bytes(uri)))
+    hashes = {p["settings_hash"] for p in parts}
+    if hashes != {settings_hash(cfg)}:
+        raise ValueError(f"shards in {output_uri} were prepared with settings {sorted(hashes)}, the merge has "
+                         f"{settings_hash(cfg)}: give the merge the shards' --config/--set")
+    records = [r for p in parts for r in p["records"]]
+    estimator = next((p["flow_estimator"] for p in parts if p["inputs"]), cfg.flow.estimator)
+    work_s = sum(p["seconds"] for p in parts) + time.perf_counter() - t_start
+    summary = _finish(records, sum(p["resumed"] for p in parts), estimator, parts[0]["input"], output_uri, cfg,
+                      track, work_s, shards=count)
+    return summary
+
+
+def _process(inputs: list[str], output_uri: str, cfg: PrepareConfig, progress: bool) -> tuple[list, int, str]:
+    """(records in input order, how many were resumed, flow estimator name) for ``inputs``."""
+    from tqdm import tqdm
+
     remote = storage.is_s3(output_uri)
-    stage_dir = (storage.cache_dir() / "prepare" / hashlib.sha256(output_uri.encode()).hexdigest()[:16]
-                 if remote else Path(output_uri))
-    (stage_dir / "records").mkdir(parents=True, exist_ok=True)
+    stage_dir = _stage_dir(output_uri)
     done = _existing_records(output_uri)
     shash = settings_hash(cfg)
     tools: list[Tools] = []  # loaded on the first input that needs them
@@ -316,7 +404,15 @@ def prepare(input_uri: str, output_uri: str, cfg: PrepareConfig, *, track: bool 
         rec.update(clip=name, source=uri)
         records.append(rec)
         bar.set_postfix(kept=sum(r["kept"] for r in records), dropped=sum(not r["kept"] for r in records))
+    return records, resumed, tools[0].estimator.name if tools else cfg.flow.estimator
 
+
+def _finish(records: list[dict], resumed: int, estimator: str, input_uri: str, output_uri: str, cfg: PrepareConfig,
+            track: bool, seconds: float, shards: int = 1) -> dict:
+    """Resampling weights over all ``records``, manifest, summary, histogram, contact sheet, MLflow run."""
+    remote = storage.is_s3(output_uri)
+    stage_dir = _stage_dir(output_uri)
+    shash = settings_hash(cfg)
     kept = [r for r in records if r["kept"]]
     weights = balance_weights(np.array([r["motion_intensity"] for r in kept]), cfg.output.bins)
     for r, w in zip(kept, weights):
@@ -336,9 +432,9 @@ def prepare(input_uri: str, output_uri: str, cfg: PrepareConfig, *, track: bool 
                              "max": float(ms.max()) if ms.size else None,
                              "scale": f"pixels of displacement per {1 / cfg.sampling.fps:.2f} s step at a "
                                       f"{REFERENCE_SHORT_SIDE}-px short side, capped at 20"},
-        "flow_estimator": tools[0].estimator.name if tools else cfg.flow.estimator,
+        "flow_estimator": estimator,
         "captioner": cfg.caption.captioner, "settings_hash": shash,
-        "seconds": round(time.perf_counter() - t_start, 2),
+        "seconds": round(seconds, 2), "shards": shards,
     }
     (stage_dir / "manifest.jsonl").write_text(manifest)
     (stage_dir / "summary.json").write_text(json.dumps(summary, indent=1))
