@@ -5,7 +5,7 @@ evaluated on the learn loop's held-out evaluation set with each sampler, step co
     .venv/bin/python bench/bench_sampling.py [--weights outputs/learn/mini] [--configs ddim:25,dpm++:12,...]
     .venv/bin/python bench/bench_sampling.py --configs ddim:25,ddim:25:cache_interval=2,ddim:25:action_tokens=eot
 
-A configuration is SAMPLER:STEPS[:OPTION=VALUE+OPTION=VALUE...]. For each: intensity adherence
+A configuration is SAMPLER:STEPS[:OPTION=VALUE+OPTION=VALUE...] (caching off unless named). For each: intensity adherence
 (Spearman rho, MAE against the requested intensity), motion smoothness, face similarity, PSNR of its
 videos against the baseline's (the first configuration, same seeds), seconds per video (generation
 only) and the speed ratio against the baseline; all in one run. Needs outputs/learn (run `demo --learn`).
@@ -41,7 +41,7 @@ def evaluate(weights: str, heldout: Path, out: Path, scheduler: str, steps: int,
 
     overrides = [_packaged(o) for o in load_learn_config().get("evaluate") or []]
     overrides += [f"generation.scheduler={scheduler}", f"generation.steps={steps}", "output.gifs=0"]
-    overrides += [f"generation.acceleration.{k}={v}" for k, v in acc.items()]
+    overrides += [f"generation.acceleration.{k}={v}" for k, v in {"cache_interval": 1, **acc}.items()]
     summary = json.loads(evaluate_step(weights, str(heldout), str(out), 0, overrides,
                                        run_name=f"bench-{label((scheduler, steps, acc))}"))
     # generation time only: the metrics that follow cost the same for every sampler
@@ -69,7 +69,7 @@ def timed(weights: str, heldout: Path, configs: list[tuple[str, int, dict]], rou
     for _ in range(rounds + 1):  # the first round warms up
         for sched, steps, acc in configs:
             use_scheduler(pipe, sched)
-            pipe.acceleration = Acceleration.from_params(acc)  # the per-step options only (cache, action tokens)
+            pipe.acceleration = Acceleration.from_params({"cache_interval": 1, **acc})  # per-step options only
             t = time.perf_counter()
             generate(pipe, steps=steps, **kw)
             out[label((sched, steps, acc))].append(time.perf_counter() - t)

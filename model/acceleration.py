@@ -2,7 +2,7 @@
 
     pipe = load_pipeline(preset="tiny", acceleration=Acceleration(cache_interval=3, vae_slicing=True))
 
-Each option was measured (bench/bench_acceleration.py, bench/bench_gpu.py; figures in the README);
+Each option was measured (bench/bench_sampling.py, bench/bench_gpu.py; figures in the README);
 defaults are the ones that help without changing the output beyond the measured tolerance.
 * cache_interval / cache_depth: DeepCache-style feature reuse across steps (model/deepcache.py).
 * vae_slicing / vae_tiling: decode one frame / one tile at a time (diffusers' AutoencoderKL options).
@@ -41,7 +41,9 @@ def check_cache(interval, depth, unet=None) -> None:
 
 @dataclass(frozen=True)
 class Acceleration:
-    cache_interval: int = 1
+    # on by default: interval 3 keeps the mini model's intensity adherence (Spearman 0.713 vs 0.708
+    # uncached, PSNR 35.9 dB against the uncached frames) at 2.61x fewer UNet FLOPs (README)
+    cache_interval: int = 3
     cache_depth: int = 1
     vae_slicing: bool = False
     vae_tiling: bool = False

@@ -16,7 +16,7 @@ def _pipe(**acc):
     from motioncharacter.model.acceleration import Acceleration
     from motioncharacter.model.inference import load_pipeline
 
-    pipe = load_pipeline(preset="tiny", acceleration=Acceleration(**acc))
+    pipe = load_pipeline(preset="tiny", acceleration=Acceleration(**{"cache_interval": 1, **acc}))  # one option at a time
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # a non-zero adapter, so every MotionCharacter branch shapes the output
         for p in pipe.adapter.parameters():
@@ -113,6 +113,7 @@ def test_action_tokens_eot_reads_only_the_phrase(baseline):
 def test_options_are_checked_and_travel_as_strings():
     from motioncharacter.model.acceleration import Acceleration
 
+    assert Acceleration().cache_interval == 3  # on by default (the README has its measured effect)
     a = Acceleration(cache_interval=3, vae_slicing=True, action_tokens="eot")
     assert Acceleration.from_params(a.to_params()) == a
     for bad, name in ((dict(cache_interval=0), "cache_interval"), (dict(cache_interval=2.5), "cache_interval"),
@@ -134,7 +135,7 @@ def test_cache_with_controlnets_guidance_and_sliding_windows():
     from motioncharacter.model.acceleration import Acceleration
     from motioncharacter.model.features import generate, load_pipeline
 
-    pipe = load_pipeline(preset="tiny")
+    pipe = load_pipeline(preset="tiny", acceleration=Acceleration(cache_interval=1))
     kp = json.dumps([[[[0.5, 0.1 + 0.02 * i, 1.0]] * 18] for i in range(20)])
     req = dict(image=package_face("grace_hopper"), prompt="a person", steps=3, guidance=4.0, frames=20, height=64,
                width=64, seed=0, pose_keypoints=kp)
@@ -146,7 +147,7 @@ def test_cache_with_controlnets_guidance_and_sliding_windows():
         fast = generate(pipe, **req)
     finally:
         hook.remove()
-        pipe.acceleration = Acceleration()
+        pipe.acceleration = Acceleration(cache_interval=1)
     assert fast.shape == plain.shape == (20, 64, 64, 3)
     assert len(calls) == 2  # of three steps only the first runs the deep blocks, once per guidance half
     assert np.abs(fast.astype(int) - plain).mean() < 20

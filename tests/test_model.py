@@ -319,9 +319,10 @@ def test_cfg_unconditional_branch_is_base_model(hopper):
     conditional half differs from it."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
+    from motioncharacter.model.acceleration import Acceleration
     from motioncharacter.model.inference import generate, load_pipeline
 
-    pipe = load_pipeline(preset="tiny")
+    pipe = load_pipeline(preset="tiny", acceleration=Acceleration(cache_interval=1))  # every step a full UNet call
     _randomize(pipe.adapter)
     assert float(next(iter(pipe.adapter.mc_layers.values())).out_motion.bias.detach().abs().sum()) > 0
     calls, spy = _capture_unet_calls(pipe)
