@@ -39,7 +39,7 @@ CONFIGS = {
     "baseline": {},
     "cache 2": {"cache_interval": 2},
     "cache 3": {"cache_interval": 3},
-    "cache 3, depth 2": {"cache_interval": 3, "cache_depth": 2},
+    "cache 3 depth 2": {"cache_interval": 3, "cache_depth": 2},
     "channels_last": {"channels_last": True},
     "fuse_qkv": {"fuse_qkv": True},
     "action eot": {"action_tokens": "eot"},
@@ -184,7 +184,7 @@ class PeakRSS:
 
 def memory_child(a, name: str) -> dict:
     """Run in a subprocess: load, note the RSS, generate once, note the peak."""
-    args = [sys.executable, __file__, "--one", name] + [x for x in sys.argv[1:] if x != "--memory"]
+    args = [sys.executable, __file__, "--one", name] + [x for x in sys.argv[1:] if x not in ("--memory", "--memory-only")]
     out = subprocess.run(args, capture_output=True, text=True, check=False)
     lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
     if out.returncode or not lines:
@@ -284,6 +284,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                     help="peak memory of the memory configurations")
+    ap.add_argument("--memory-only", action="store_true", help="measure peak memory only (no timing rounds)")
     ap.add_argument("--train", action=argparse.BooleanOptionalAction, default=True, help="time a training step")
     ap.add_argument("--reduced", action="store_true",
                     help="tiny widths, 64 px, 4 frames, 3 steps: checks that the benchmark works (CI)")
@@ -342,6 +343,19 @@ def main() -> int:
     report = {"device": device_name, "setting": dict(size=a.size, frames=a.frames, steps=a.steps,
                                                      guidance=a.guidance, widths=a.widths, weights=a.weights),
               "rows": []}
+    if a.memory_only and not cuda:  # every configuration in its own subprocess; nothing loaded here
+        for n in [m for m in a.memory_configs if m in names]:
+            report["rows"].append({"dtype": dtypes[0], "config": n, **memory_child(a, n)})
+            print(f"  {n}: {report['rows'][-1]}", flush=True)
+        for r in report["rows"]:
+            if "peak_mb" in r:
+                base = report["rows"][0]
+                r["above_load_ratio_vs_baseline"] = round(
+                    (base["peak_mb"] - base["loaded_mb"]) / max(1e-9, r["peak_mb"] - r["loaded_mb"]), 2)
+        print(json.dumps(report["rows"], indent=1))
+        if a.json:
+            Path(a.json).write_text(json.dumps(report, indent=1))
+        return 0
     for dt in dtypes:
         pipe = build_pipeline(a.widths, a.weights, a.device, DTYPES[dt])
         state: dict = {}
