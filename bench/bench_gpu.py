@@ -110,6 +110,7 @@ def build_pipeline(widths: str, weights: str | None, device: str, dtype: torch.d
         for p in pipe.adapter.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     pipe.to(device, dtype)
+    pipe.feature_sources, pipe.feature_parts = dict(weights=weights, preset=None, controlnets={}), {}
     return pipe
 
 
@@ -142,7 +143,7 @@ def face_image() -> np.ndarray:
 
 # ---- measurements ----------------------------------------------------------------------------
 def generate_once(pipe, a) -> float:
-    from motioncharacter.model.inference import generate
+    from motioncharacter.model.features import generate  # long videos (> 16 frames) through sliding windows
 
     t = time.perf_counter()
     generate(pipe, image=face_image(), prompt="a person talking", action="talking", intensity=10.0, steps=a.steps,

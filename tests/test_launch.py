@@ -153,7 +153,7 @@ def test_two_training_processes_under_torchrun(tmp_path_factory, tmp_path, monke
     assert state["world_size"] == 2 and state["step"] == 2
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")  # where the ranks logged
     (run,) = client.search_runs([client.get_experiment_by_name("motioncharacter-train").experiment_id])
     assert run.data.tags.get("ablation") == "no_region_aware"
     assert run.data.params.get("loss.region_aware") in ("False", "false")
