@@ -345,7 +345,8 @@ def main() -> int:
                                                      guidance=a.guidance, widths=a.widths, weights=a.weights),
               "rows": []}
     if a.memory_only and not cuda:  # every configuration in its own subprocess; nothing loaded here
-        for n in [m for m in a.memory_configs if m in names]:
+        asked = [n.strip() for n in a.configs.split(",")] if a.configs else names
+        for n in [m for m in a.memory_configs if m in asked]:
             report["rows"].append({"dtype": dtypes[0], "config": n, **memory_child(a, n)})
             print(f"  {n}: {report['rows'][-1]}", flush=True)
         for r in report["rows"]:
