@@ -334,7 +334,10 @@ def test_compiled_pipeline_steps_use_the_pipeline_user(tmp_path):
     executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert len(executors) >= 5
     for name, ex in executors.items():
-        assert {s["secretName"] for s in ex["secretAsEnv"]} == {"s3-pipeline"}, name
+        # object-store keys from s3-pipeline only; the MLflow login (basic-auth) from mlflow-client
+        assert {s["secretName"] for s in ex["secretAsEnv"]} == {"s3-pipeline", "mlflow-client"}, name
+        aws = {s["secretName"] for s in ex["secretAsEnv"] for k in s["keyToEnv"] if k["envVar"].startswith("AWS_")}
+        assert aws == {"s3-pipeline"}, name
     rbac = list(yaml.safe_load_all((ROOT / "k8s/base/rbac.yaml").read_text()))
     role = next(d for d in rbac if d["kind"] == "Role")
     rule = next(r for r in role["rules"] if r["resources"] == ["secrets"])
