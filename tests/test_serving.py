@@ -251,7 +251,8 @@ def test_server_side_time_limit(tmp_path):
     """A generation over the deployment's request timeout is stopped between steps with a clear error."""
     from motioncharacter.serving.server import TritonServer
 
-    repo = export_tiny(tmp_path / "repo", request_timeout_s=1e-6)
+    # no warm-up: under this limit the warm-up request itself would fail and (rightly) keep the version out
+    repo = export_tiny(tmp_path / "repo", request_timeout_s=1e-6, warmup=False)
     with TritonServer(str(repo), http_port=None, grpc_port=None, metrics_port=None,
                       log_file=tmp_path / "triton.log") as server:
         with MotionCharacterClient(server.http_url, timeout_s=120, retries=0) as c:
