@@ -70,15 +70,8 @@ def compare_ocr(frames: np.ndarray) -> dict:
     fs = FilterSettings()
     filters.ocr_reader()  # load once, outside the timing
 
-    def old():  # the filter as it was: readtext, confident boxes' shoelace area over the frame's
-        worst = 0.0
-        for f in frames:
-            area = 0.0
-            for box, _, conf in filters.ocr_reader().readtext(f):
-                if conf >= 0.3:
-                    x, y = np.asarray(box, float).T
-                    area += 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
-            worst = max(worst, min(1.0, area / (f.shape[0] * f.shape[1])))
+    def old():  # the filter as it was: readtext at full size
+        worst = min(1.0, filters.readtext_fraction(frames))
         return worst > fs.max_text_fraction, worst
 
     def new():

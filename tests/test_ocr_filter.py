@@ -24,17 +24,7 @@ def ocr_frames(path: Path) -> np.ndarray:
     return frames[_evenly(len(frames), FS.ocr_frames)]
 
 
-def old_fraction(frames: np.ndarray) -> float:
-    """The filter before the coarse canvas: EasyOCR readtext at full size, confident boxes' area."""
-    worst = 0.0
-    for f in frames:
-        area = 0.0
-        for box, _, conf in filters.ocr_reader().readtext(f):
-            if conf >= 0.3:
-                x, y = np.asarray(box, float).T
-                area += 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
-        worst = max(worst, area / (f.shape[0] * f.shape[1]))
-    return worst
+old_fraction = filters.readtext_fraction
 
 
 def new_decision(frames: np.ndarray) -> tuple[bool, dict]:

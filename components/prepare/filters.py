@@ -228,6 +228,20 @@ def _read_boxes(frame: np.ndarray, boxes: tuple[list, list], min_text_confidence
     return min(1.0, area / (h * w)), texts
 
 
+def readtext_fraction(frames) -> float:
+    """The filter before the coarse canvas (the reference the tests and bench_prepare compare with):
+    EasyOCR readtext at full size, the largest share of a frame covered by confident boxes."""
+    worst = 0.0
+    for f in frames:
+        area = 0.0
+        for box, _, conf in ocr_reader().readtext(f):
+            if conf >= 0.3:
+                x, y = np.asarray(box, float).T
+                area += 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+        worst = max(worst, area / (f.shape[0] * f.shape[1]))
+    return worst
+
+
 def text_area_fraction(frame: np.ndarray, min_text_confidence: float = 0.3,
                        canvas_size: int = 2560) -> tuple[float, list[str]]:
     """Fraction of the frame covered by detected text boxes, and the texts read. With the default
