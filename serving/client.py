@@ -170,8 +170,11 @@ class MotionCharacterClient:
         return {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
 
     def ready(self) -> bool:
+        """Whether the server can answer both models. Not Triton's server readiness: a version whose
+        load failed stays on its record as UNAVAILABLE (and the server unready) while the previous
+        version goes on serving, which is what a rollout that failed leaves behind."""
         try:
-            return bool(self.client.is_server_ready(**self._kw()))
+            return all(self.client.is_model_ready(m, **self._kw()) for m in (self.model, self.stream_model))
         except Exception:  # noqa: BLE001 - not ready is the answer to any failure here
             return False
 

@@ -181,7 +181,7 @@ def test_triton_deployment(overlay):
 
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/models/motioncharacter/ready", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     assert "--strict-readiness=true" in c["args"]
 

@@ -111,6 +111,7 @@ def test_a_version_that_does_not_load_never_replaces_the_served_one(triton, monk
     assert served_version(repo) == served and new in versions(repo)
     with MotionCharacterClient(url, timeout_s=120) as c:
         c.check_version(served)
+        assert c.ready()  # what the readiness probe asks: the failed version does not take the pod out
         assert c.generate(face_image(), PROMPT, **SMALL).frames.shape == (2, 64, 64, 3)
 
 
