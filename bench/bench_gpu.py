@@ -143,7 +143,7 @@ def face_image() -> np.ndarray:
 
 # ---- measurements ----------------------------------------------------------------------------
 def generate_once(pipe, a) -> float:
-    from motioncharacter.model.features import generate  # long videos (> 16 frames) through sliding windows
+    from motioncharacter.model.inference import generate  # long videos (> 16 frames) go through sliding windows
 
     t = time.perf_counter()
     generate(pipe, image=face_image(), prompt="a person talking", action="talking", intensity=10.0, steps=a.steps,

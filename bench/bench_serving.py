@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from serving_fixtures import PROMPT, TINY, export_tiny, face_image  # noqa: E402
 
 from motioncharacter.serving.client import MotionCharacterClient  # noqa: E402
-from motioncharacter.serving.pipeline import inference_api  # noqa: E402
+from motioncharacter.model import inference as api  # noqa: E402
 from motioncharacter.serving.repository import MODEL  # noqa: E402
 from motioncharacter.serving.server import TritonServer  # noqa: E402
 
@@ -112,7 +112,6 @@ def main() -> int:
     args = ap.parse_args()
 
     image = face_image()
-    api = inference_api()
     pipe = api.load_pipeline(preset="tiny")
 
     with tempfile.TemporaryDirectory(prefix="mc-bench-") as tmp:

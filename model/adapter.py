@@ -12,7 +12,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .attention import MCConditioning, MCLayer, MotionCharacterAttnProcessor, spatial_cross_attention_layers
+from .attention import (MCConditioning, MCLayer, MotionCharacterAttnProcessor, install_processors,
+                        spatial_cross_attention_layers)
 from .id_module import IDEncoder
 from .motion_module import IntensityEncoder
 
@@ -51,8 +52,7 @@ class MotionCharacterAdapter(ModelMixin, ConfigMixin):
         if missing:
             raise ValueError(f"adapter does not match this UNet: layers {sorted(missing)[:4]} differ "
                              "(was it trained for another base model?)")
-        for name, mod in found.items():
-            mod.set_processor(MotionCharacterAttnProcessor(self.mc_layers[_key(name)]))
+        install_processors(unet, lambda name: MotionCharacterAttnProcessor(self.mc_layers[_key(name)]))
 
     def conditioning(self, *, clip_embeds=None, face_embeds=None, action_embeds=None, intensity=None,
                      id_scale: float = 1.0, motion_scale: float = 1.0, id_keep=None, action_keep=None,

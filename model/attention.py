@@ -8,9 +8,11 @@ One processor per layer computes, in order:
 output exactly. Per-sample keep masks switch branches off for single samples of a batch
 (classifier-free guidance's unconditional half, condition dropout in training, an empty
 action phrase): a sample with every branch off gets exactly the base model's output, with
-no out-projection bias added. The conditioning travels in ``cross_attention_kwargs["ip_hidden_states"]``:
-diffusers' Attention drops that key silently for processors that do not take it (the
-self-attention and motion-module layers keep their stock processors and see no warning).
+no out-projection bias added. The conditioning travels under the project's own key,
+``cross_attention_kwargs["motioncharacter_conditioning"]``, never under a key another adapter may
+read (IP-Adapter's ``ip_hidden_states``): ``install_processors`` puts the project's processor on each
+spatial cross-attention and has every other attention layer's processor (stock, fused or a user's)
+accept and ignore the key, as diffusers' Attention would otherwise warn on every call.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-COND_KEY = "ip_hidden_states"
+COND_KEY = "motioncharacter_conditioning"
 
 
 @dataclass
@@ -149,7 +151,7 @@ class MotionCharacterAttnProcessor:
         self.layer = layer
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 ip_hidden_states: MCConditioning | None = None):
+                 motioncharacter_conditioning: MCConditioning | None = None):
         # The text path below is diffusers' AttnProcessor2_0, step for step.
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -187,7 +189,7 @@ class MotionCharacterAttnProcessor:
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
-        c, layer = ip_hidden_states, self.layer
+        c, layer = motioncharacter_conditioning, self.layer
         # eq. 3: decoupled ID cross-attention shares Q with the text attention.
         if c is not None and c.id_tokens is not None and c.id_scale != 0 and _any_on(c.id_keep):
             hidden_states = hidden_states + c.id_scale * _per_frame(c.id_keep, _per_sample_attention(
@@ -220,6 +222,35 @@ class MotionCharacterAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class IgnoresConditioning:
+    """Wraps another attention processor so that it takes (and drops) the conditioning key."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, attn, hidden_states, *args, motioncharacter_conditioning=None, **kwargs):
+        return self.inner(attn, hidden_states, *args, **kwargs)
+
+
+def takes_conditioning(processor) -> bool:
+    import inspect
+
+    return COND_KEY in inspect.signature(processor.__call__).parameters
+
+
+def install_processors(unet, processor_for) -> None:
+    """``processor_for(name)`` on every spatial cross-attention layer; every other attention layer
+    keeps its processor, wrapped to accept the conditioning key (idempotent)."""
+    from diffusers.models.attention_processor import Attention
+
+    cross = spatial_cross_attention_layers(unet)
+    for name, mod in unet.named_modules():
+        if name in cross:
+            mod.set_processor(processor_for(name))
+        elif isinstance(mod, Attention) and not takes_conditioning(mod.processor):
+            mod.set_processor(IgnoresConditioning(mod.processor))
 
 
 def spatial_cross_attention_layers(unet) -> dict:

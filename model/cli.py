@@ -61,7 +61,7 @@ def run_generate(args) -> int:
     from motioncharacter.cli import UserError
 
     from . import feature_cli
-    from .features import generate, load_pipeline
+    from .inference import generate, load_pipeline
     from .pipeline import load_reference_image
 
     out = Path(args.out)

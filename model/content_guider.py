@@ -20,7 +20,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .attention import COND_KEY, _per_sample_attention, spatial_cross_attention_layers
+from .attention import COND_KEY, _per_sample_attention, install_processors, spatial_cross_attention_layers
 from .face_adapter import Resampler
 
 
@@ -66,9 +66,10 @@ class ContentGuiderAttnProcessor:
         self.text = AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 ip_hidden_states: GuiderConditioning | None = None):
+                 motioncharacter_conditioning: GuiderConditioning | None = None):
         out = self.text(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        branches = list(ip_hidden_states.branches()) if ip_hidden_states is not None else []
+        c = motioncharacter_conditioning
+        branches = list(c.branches()) if c is not None else []
         if not branches:
             return out
         if hidden_states.ndim != 3 or attn.group_norm is not None or attn.spatial_norm is not None:
@@ -119,8 +120,7 @@ class ContentGuider(ModelMixin, ConfigMixin):
         found = spatial_cross_attention_layers(unet)
         if set(self.config.layer_dims) != set(found):
             raise ValueError("content guider does not match this UNet (was it trained for another base model?)")
-        for name, mod in found.items():
-            mod.set_processor(ContentGuiderAttnProcessor(self.layers[_key(name)]))
+        install_processors(unet, lambda name: ContentGuiderAttnProcessor(self.layers[_key(name)]))
 
     def face_tokens(self, clip_hidden: torch.Tensor, face_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """c_f: (B, num_queries [+ num_face_id_tokens], text_dim). ``face_embeds`` (B, face_dim) adds

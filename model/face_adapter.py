@@ -116,7 +116,7 @@ class IDAnimatorAttnProcessor:
         self.layer = layer
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 ip_hidden_states=None):
+                 motioncharacter_conditioning=None):
         from .attention import _per_sample_attention
 
         if hidden_states.ndim != 3 or attn.group_norm is not None or attn.spatial_norm is not None \
@@ -137,7 +137,7 @@ class IDAnimatorAttnProcessor:
         q, k, v = (x.view(b, -1, attn.heads, hd).transpose(1, 2) for x in (query, key, value))
         z = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         z = z.transpose(1, 2).reshape(b, -1, attn.heads * hd).to(query.dtype)
-        c = ip_hidden_states
+        c = motioncharacter_conditioning
         if c is not None and c.face_tokens is not None and c.face_scale != 0:
             # the face branch shares the LoRA-adapted query and is added before the out-projection
             z = z + c.face_scale * _per_sample_attention(query, c.face_tokens.to(query.dtype), lay.to_k_face,
@@ -182,15 +182,14 @@ class IDAnimatorFaceAdapter(ModelMixin, ConfigMixin):
                        **kw)
 
     def attach(self, unet) -> None:
-        from .attention import spatial_cross_attention_layers
+        from .attention import install_processors, spatial_cross_attention_layers
 
         found = spatial_cross_attention_layers(unet)
         differ = set(self.config.layer_dims) ^ set(found)
         if differ:
             raise ValueError(f"face adapter does not match this UNet: layers {sorted(differ)[:4]} differ "
                              "(was it made for another base model?)")
-        for name, mod in found.items():
-            mod.set_processor(IDAnimatorAttnProcessor(self.layers[_key(name)]))
+        install_processors(unet, lambda name: IDAnimatorAttnProcessor(self.layers[_key(name)]))
 
     def face_tokens(self, clip_hidden: torch.Tensor, face_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """c_f (B, num_queries, text_dim) from CLIP's penultimate hidden states; ID-Animator uses no

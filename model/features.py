@@ -1,10 +1,12 @@
 """ID-Animator and DreaMoving features on the MotionCharacter pipeline.
 
+    from motioncharacter.model.inference import generate, load_pipeline
     pipe = load_pipeline(preset="tiny")                        # or weights=..., base_checkpoint=...
     frames = generate(pipe, image="a.png", prompt="...", mode="id-animator", mix_image="b.png", mix_ratio=0.3)
 
-``generate`` takes every argument of ``inference.generate`` plus the options of ``FeatureOptions``;
-with none of them set it *is* ``inference.generate`` (same code, same output). Modes:
+``inference.generate`` takes these as keywords (the fields of ``FeatureOptions``) and comes here when
+one is set or the video is longer than the motion module's training length; with none set it calls
+the pipeline directly (same code, same output). Modes:
 
 * ``motioncharacter`` (default): the MotionCharacter adapter (ID tokens + action/intensity control).
 * ``id-animator``: ID-Animator's face adapter in the layout of its release (face_adapter.py; its
@@ -119,30 +121,7 @@ def _weight(name: str, v) -> float:
     return float(v)
 
 
-# ---- loading ---------------------------------------------------------------------------------
-def load_pipeline(weights: str | None = None, preset: str | None = None, device: str = "cpu",
-                  arcface_pack: str | None = None, base_checkpoint: str | None = None,
-                  controlnets: dict[str, str] | None = None, scheduler: str | None = None, acceleration=None):
-    """``inference.load_pipeline`` plus: a community SD1.5 checkpoint as the base (``base_checkpoint``:
-    diffusers folder or single-file .safetensors) and explicit ControlNet folders
-    (``controlnets={"pose"|"depth"|"sparse": uri}``; default: the weights folder's controlnet_pose/,
-    controlnet_depth/, sparsectrl/, or random tiny ones for the tiny preset)."""
-    from .inference import load_pipeline as base_load
-
-    for kind in controlnets or {}:
-        if kind not in ctl.KINDS:
-            raise ValueError(f"unknown ControlNet kind {kind!r}; choose from {', '.join(ctl.KINDS)}")
-    pipe = base_load(weights=weights, preset=preset, device=device, arcface_pack=arcface_pack, scheduler=scheduler,
-                     acceleration=acceleration)
-    if base_checkpoint:
-        from .community import apply_base_checkpoint, base_unet_config
-
-        apply_base_checkpoint(pipe, base_checkpoint, base_unet_config(weights, preset))
-    pipe.feature_sources = dict(weights=weights, preset=preset, controlnets=dict(controlnets or {}))
-    pipe.feature_parts = {}
-    return pipe
-
-
+# ---- parts the features load on first use --------------------------------------------------
 def component(pipe, name: str):
     """The face adapter, content guider or a ControlNet, loaded on first use."""
     parts = pipe.__dict__.setdefault("feature_parts", {})
@@ -234,29 +213,9 @@ def _face_dim(pipe) -> int:
 
 
 # ---- generation ------------------------------------------------------------------------------
-def generate(pipe, *, image, prompt: str, negative_prompt: str = "", action: str = "", intensity: float = 10.0,
-             id_scale: float = 1.0, motion_scale: float = 1.0, steps: int = 30, guidance: float = 8.0,
-             frames: int = 16, height: int = 512, width: int = 512, seed: int = 0, face_index: int | None = None,
-             progress: Callable[[int, int], None] | None = None, **features) -> np.ndarray:
-    """uint8 frames (F, H, W, 3); ``features`` are FeatureOptions fields (see the module doc)."""
-    unknown = set(features) - {f.name for f in fields(FeatureOptions)}
-    if unknown:
-        raise ValueError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    opts = FeatureOptions(**features)
-    base = dict(image=image, prompt=prompt, negative_prompt=negative_prompt, action=action, intensity=intensity,
-                id_scale=id_scale, motion_scale=motion_scale, steps=steps, guidance=guidance, frames=frames,
-                height=height, width=width, seed=seed, face_index=face_index, progress=progress)
-    if opts.is_default() and frames <= training_length(pipe):
-        from .inference import generate as base_generate
-
-        return base_generate(pipe, **base)
-    with torch.inference_mode():
-        return _generate(pipe, opts, **base)
-
-
-def _generate(pipe, opts: FeatureOptions, *, image, prompt, negative_prompt, action, intensity, id_scale,
-              motion_scale, steps, guidance, frames, height, width, seed, face_index, progress):
-    from .pipeline import load_reference_image
+def generate_features(pipe, opts: FeatureOptions, *, image, prompt, negative_prompt, action, intensity, id_scale,
+                      motion_scale, steps, guidance, frames, height, width, seed, face_index, progress):
+    """uint8 frames (F, H, W, 3) with the feature options (called by ``inference.generate``)."""
 
     # 1. validate everything and read every input before model work
     if isinstance(frames, bool) or not isinstance(frames, Integral) or not 1 <= frames <= MAX_FRAMES:

@@ -1,7 +1,11 @@
-"""The stable entry points that serving, evaluation and the CLI call.
+"""The one generation entry point that serving, evaluation, training previews and the CLI call.
 
     pipe = load_pipeline(weights="s3://models/base", device="cuda")   # or preset="tiny"
     frames = generate(pipe, image="face.jpg", prompt="a man talking", action="talking", intensity=8)
+    frames = generate(pipe, image="a.png", prompt="...", mode="id-animator", pose_video="pose.mp4")
+
+The ID-Animator / DreaMoving modes, ControlNets, identity mixing and long videos are keywords of the
+same ``generate`` (``features.FeatureOptions``); the pipeline's own ``__call__`` is diffusers-shaped.
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ logger = logging.getLogger("motioncharacter.model")
 
 
 def load_pipeline(weights: str | None = None, preset: str | None = None, device: str = "cpu",
-                  arcface_pack: str | None = None, scheduler: str | None = None,
-                  acceleration=None) -> MotionCharacterPipeline:
+                  arcface_pack: str | None = None, scheduler: str | None = None, acceleration=None,
+                  base_checkpoint: str | None = None,
+                  controlnets: dict[str, str] | None = None) -> MotionCharacterPipeline:
     """A ready MotionCharacterPipeline from a weights folder / s3:// URI, or ``preset="tiny"``.
 
     Face embeddings come from ArcFace when ``arcface_pack`` (a folder or s3:// URI holding an
@@ -27,14 +32,22 @@ def load_pipeline(weights: str | None = None, preset: str | None = None, device:
     zero-output adapter (the base AnimateDiff behaviour) and a warning. ``scheduler``: one of
     ``model.schedulers.SCHEDULERS`` (default: the weights' own, DDIM). ``acceleration``: speed and
     memory options (``model.acceleration.Acceleration``; default: its defaults).
+    ``base_checkpoint``: a community SD1.5 checkpoint (diffusers folder or single-file .safetensors)
+    as the base. ``controlnets={"pose"|"depth"|"sparse": uri}``: explicit ControlNet folders (default:
+    the weights folder's controlnet_pose/, controlnet_depth/, sparsectrl/; random tiny ones for the
+    tiny preset), loaded on first use like the face adapter and Content Guider.
     """
     from motioncharacter.faces import embedder
 
+    from . import control
     from .adapter import MotionCharacterAdapter
-    from .presets import PRESETS, TINY, build_tiny
+    from .presets import PRESETS, build_tiny
 
     if (weights is None) == (preset is None):
         raise ValueError("pass exactly one of weights (a folder or s3:// URI) and preset (e.g. 'tiny')")
+    for kind in controlnets or {}:
+        if kind not in control.KINDS:
+            raise ValueError(f"unknown ControlNet kind {kind!r}; choose from {', '.join(control.KINDS)}")
     if preset == "mini":
         from .presets import mini_weights
 
@@ -67,6 +80,12 @@ def load_pipeline(weights: str | None = None, preset: str | None = None, device:
     from .acceleration import Acceleration
 
     (acceleration or Acceleration()).apply(pipe)
+    if base_checkpoint:
+        from .community import apply_base_checkpoint, base_unet_config
+
+        apply_base_checkpoint(pipe, base_checkpoint, base_unet_config(weights, preset))
+    pipe.feature_sources = dict(weights=weights, preset=preset, controlnets=dict(controlnets or {}))
+    pipe.feature_parts = {}
     return pipe
 
 
@@ -127,12 +146,28 @@ def generate(pipe: MotionCharacterPipeline, *, image: np.ndarray | str, prompt: 
              action: str = "", intensity: float = 10.0, id_scale: float = 1.0, motion_scale: float = 1.0,
              steps: int = 30, guidance: float = 8.0, frames: int = 16, height: int = 512, width: int = 512,
              seed: int = 0, face_index: int | None = None,
-             progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+             progress: Callable[[int, int], None] | None = None, **features) -> np.ndarray:
     """uint8 frames (F, H, W, 3). Every argument is validated first (ValueError naming it);
     a reference without exactly one face raises motioncharacter.faces.FaceError (a ValueError)
-    unless ``face_index`` picks one. The defaults suit real SD1.5 weights; for the tiny preset pass
-    small sizes, e.g. ``**pipe.defaults`` (frames=8, height=width=64, steps=4)."""
+    unless ``face_index`` picks one. ``features``: the fields of ``features.FeatureOptions`` (mode,
+    ControlNet inputs, identity mixing, context windows). The defaults suit real SD1.5 weights; for
+    the tiny preset pass small sizes, e.g. ``**pipe.defaults`` (frames=8, height=width=64, steps=4)."""
+    from dataclasses import fields
+
+    from .features import FeatureOptions, generate_features
+    from .long_video import training_length
+
+    unknown = set(features) - {f.name for f in fields(FeatureOptions)}
+    if unknown:
+        raise ValueError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    opts = FeatureOptions(**features)
     with torch.inference_mode():
+        if not opts.is_default() or (isinstance(frames, int) and frames > training_length(pipe)):
+            return generate_features(pipe, opts, image=image, prompt=prompt, negative_prompt=negative_prompt,
+                                     action=action, intensity=intensity, id_scale=id_scale,
+                                     motion_scale=motion_scale, steps=steps, guidance=guidance, frames=frames,
+                                     height=height, width=width, seed=seed, face_index=face_index,
+                                     progress=progress)
         return pipe(image=image, prompt=prompt, negative_prompt=negative_prompt, action=action, intensity=intensity,
                     id_scale=id_scale, motion_scale=motion_scale, num_inference_steps=steps,
                     guidance_scale=guidance, num_frames=frames, height=height, width=width, seed=seed,

@@ -20,7 +20,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..model.acceleration import Acceleration
-from .pipeline import inference_api
+from ..model import inference
 from .repository import resolve_weights
 from .request_args import Limits, model_defaults, parse, scrub
 
@@ -71,7 +71,7 @@ class TritonPythonModel:
             weights = str(local_copy(weights))
         gpu = args.get("model_instance_kind") == "GPU"
         device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
-        self.api = inference_api()
+        self.api = inference
         base = params.get("base_checkpoint") or None
         if base and base.startswith("s3://"):
             from motioncharacter.storage import local_copy

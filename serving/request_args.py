@@ -235,7 +235,7 @@ def parse(get: Callable[[str], np.ndarray | None], limits: Limits, defaults: dic
 
 
 def parse_features(raw: dict, limits: Limits) -> dict:
-    """The feature inputs that were set, as ``features.generate`` keywords (checked again there)."""
+    """The feature inputs that were set, as ``inference.generate`` keywords (checked again there)."""
     kw: dict = {}
     if raw["mode"]:
         kw["mode"] = raw["mode"]

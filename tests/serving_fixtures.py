@@ -75,7 +75,6 @@ def triton(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """The in-process pipeline the served results are compared against."""
-    from motioncharacter.serving.pipeline import inference_api
+    from motioncharacter.model import inference
 
-    api = inference_api()
-    return api, api.load_pipeline(preset="tiny")
+    return inference, inference.load_pipeline(preset="tiny")

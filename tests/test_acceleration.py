@@ -133,7 +133,7 @@ def test_cache_with_controlnets_guidance_and_sliding_windows():
 
     from motioncharacter.fixtures import package_face
     from motioncharacter.model.acceleration import Acceleration
-    from motioncharacter.model.features import generate, load_pipeline
+    from motioncharacter.model.inference import generate, load_pipeline
 
     pipe = load_pipeline(preset="tiny", acceleration=Acceleration(cache_interval=1))
     kp = json.dumps([[[[0.5, 0.1 + 0.02 * i, 1.0]] * 18] for i in range(20)])

@@ -70,8 +70,8 @@ def test_content_guider_zero_weights_are_exactly_text_only(unet, x):
     h = torch.randn(F_, 16, attn.to_q.in_features)
     with torch.no_grad():
         base = attn(h, encoder_hidden_states=x["text"])
-        one = attn(h, encoder_hidden_states=x["text"], ip_hidden_states=GuiderConditioning(face, None, 1.0))
-        two = attn(h, encoder_hidden_states=x["text"], ip_hidden_states=GuiderConditioning(face, None, 2.0))
+        one = attn(h, encoder_hidden_states=x["text"], motioncharacter_conditioning=GuiderConditioning(face, None, 1.0))
+        two = attn(h, encoder_hidden_states=x["text"], motioncharacter_conditioning=GuiderConditioning(face, None, 2.0))
     torch.testing.assert_close(two - base, 2 * (one - base), rtol=1e-4, atol=1e-5)
 
 
@@ -208,7 +208,7 @@ def test_single_file_community_checkpoint(tmp_path):
     from safetensors.torch import save_file
 
     from motioncharacter.model.community import apply_base_checkpoint, base_unet_config
-    from motioncharacter.model.features import load_pipeline
+    from motioncharacter.model.inference import load_pipeline
 
     sys.path.insert(0, os.path.dirname(__file__))
     from features_ldm import text_to_ldm, unet_to_ldm

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from motioncharacter.fixtures import package_face
-from motioncharacter.model.features import generate, load_pipeline
+from motioncharacter.model.inference import generate, load_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,59 @@ def test_triton_request_parsing_of_feature_inputs(faces):
     assert not set(plain) & {"mode", "mix_image", "context_length"}  # unchanged base request
     with pytest.raises(ValueError, match="mix_ratio"):
         parse((req | {"mix_ratio": np.array([-3.0], np.float32)}).get, Limits())
+
+
+@pytest.fixture
+def attention_warnings():
+    """What diffusers' Attention logs (it warns on every call about a keyword its processor does not take)."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("diffusers.models.attention_processor")
+    log.addHandler(handler)
+    yield records
+    log.removeHandler(handler)
+
+
+@pytest.mark.parametrize("mode", ["motioncharacter", "id-animator", "dreamoving"])
+def test_conditioning_travels_under_the_projects_own_key(pipe, faces, attention_warnings, mode):
+    """Every layer takes the key quietly, and the conditioning reaches the processors by that key only:
+    an IP-Adapter-style ``ip_hidden_states`` reader sees nothing."""
+    from motioncharacter.model.attention import COND_KEY, IgnoresConditioning
+
+    assert COND_KEY == "motioncharacter_conditioning"
+    seen = {}
+
+    class Reader:  # a user's processor on a self-attention layer, reading IP-Adapter's key
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, attn, hidden_states, *a, ip_hidden_states=None, motioncharacter_conditioning=None, **kw):
+            seen.setdefault("ip", ip_hidden_states)
+            seen.setdefault("ours", motioncharacter_conditioning)
+            return self.inner(attn, hidden_states, *a, **kw)
+
+    name, layer = next((n, m) for n, m in pipe.unet.named_modules()
+                       if n.endswith("attn1") and "motion_modules" not in n)  # a spatial self-attention
+    wrapped = layer.processor
+    assert isinstance(wrapped, IgnoresConditioning)
+    layer.set_processor(Reader(wrapped.inner))
+    try:
+        frames = _gen(pipe, faces[0], **({"action": "smiling"} if mode == "motioncharacter" else {"mode": mode}))
+    finally:
+        layer.set_processor(wrapped)
+    assert frames.shape == (8, 64, 64, 3)
+    assert seen["ip"] is None and seen["ours"] is not None, name
+    assert not [r.getMessage() for r in attention_warnings]
+
+
+def test_fused_projections_keep_the_key_quiet(faces, attention_warnings):
+    from motioncharacter.model.acceleration import Acceleration
+
+    fused = load_pipeline(preset="tiny", acceleration=Acceleration(fuse_qkv=True))
+    plain = load_pipeline(preset="tiny")
+    a, b = _gen(fused, faces[0], action="smiling"), _gen(plain, faces[0], action="smiling")
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 2  # fused QKV: the same video
+    assert not [r.getMessage() for r in attention_warnings]

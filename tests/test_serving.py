@@ -328,7 +328,7 @@ def test_sparsectrl_keyframes_on_a_community_base_through_triton(tmp_path):
 
     from safetensors.torch import save_file
 
-    from motioncharacter.model import features
+    from motioncharacter.model import inference
     from motioncharacter.model.presets import build_tiny
     from motioncharacter.serving.server import TritonServer
 
@@ -345,8 +345,8 @@ def test_sparsectrl_keyframes_on_a_community_base_through_triton(tmp_path):
         repo / "motioncharacter" / "config.pbtxt").read_text()
     key = face_image()
     req = dict(TINY, sparse_images=[key, key[:, ::-1]], sparse_frames=[0, 7], sparse_scale=0.8)
-    pipe = features.load_pipeline(preset="tiny", base_checkpoint=str(ckpt))
-    expected = features.generate(pipe, image=face_image(), prompt=PROMPT, **req)
+    pipe = inference.load_pipeline(preset="tiny", base_checkpoint=str(ckpt))
+    expected = inference.generate(pipe, image=face_image(), prompt=PROMPT, **req)
     with TritonServer(str(repo), http_port=None, grpc_port=None, metrics_port=None,
                       log_file=tmp_path / "triton.log") as server:
         with MotionCharacterClient(server.http_url, timeout_s=300) as c:

@@ -290,7 +290,6 @@ def sample_video(parts: dict, adapter, cfg: TrainConfig, step: int, workdir: Pat
     mode, extra = cfg.train.mode, {}
     if mode != "motioncharacter":  # the trained face adapter / Content Guider through the feature pipeline
         from motioncharacter.model.adapter import MotionCharacterAdapter
-        from motioncharacter.model.features import generate
 
         extra, guider = {"mode": mode}, adapter
         adapter = MotionCharacterAdapter.for_unet(parts["unet"], face_dim=512 if arcface_pack else 128,
