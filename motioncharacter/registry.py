@@ -39,6 +39,7 @@ MARKER = "registered_model.json"
 MANIFEST_TAG, BASE_TAG, BASE_HASH_TAG = "lineage.data_manifest_sha256", "lineage.base_weights", "lineage.base_weights_sha256"
 COMMIT_TAG, RUN_TAG, WEIGHTS_TAG = "lineage.git_commit", "lineage.train_run_id", "weights"
 EVAL_RUN_TAG = "eval.run_id"
+PARTS_TAG = "trained_parts"  # the sub-folders training exported, registered together (adapter,motion_adapter)
 BASE_DESCRIPTORS = ("weights.json", "motioncharacter.json")  # what says where a base's parts came from
 TRIES, BACKOFF = 4, 1.0  # registry calls at the end of training: a short outage is waited out
 
@@ -143,30 +144,38 @@ def base_lineage(weights: str | None, preset: str | None) -> dict[str, str]:
     return tags
 
 
-def _source(adapter_uri: str, run_id: str, c) -> str:
+def _source(adapter_uri: str, run_id: str, c, parts: list[str]) -> str:
     """What the version's source is: the s3:// URI as it is; a local folder as the absolute path
     for an embedded store, or (a tracking server refuses local paths, which other machines could
-    not read anyway) as a copy in the training run's artifacts."""
+    not read anyway) as a copy in the training run's artifacts, with its sibling ``parts``."""
     if storage.is_s3(adapter_uri):
         return adapter_uri
-    local = str(Path(adapter_uri).resolve())
+    local = Path(adapter_uri).resolve()
     if not c.tracking_uri.startswith(("http://", "https://")):
-        return local
-    _retrying(f"uploading adapter {local} to run {run_id}", lambda: c.log_artifacts(run_id, local, "adapter"))
-    return _retrying(f"reading run {run_id}", lambda: c.get_run(run_id)).info.artifact_uri.rstrip("/") + "/adapter"
+        return str(local)
+    for part in parts:
+        d = str(local.parent / part)
+        _retrying(f"uploading {d} to run {run_id}", lambda: c.log_artifacts(run_id, d, part))
+    root = _retrying(f"reading run {run_id}", lambda: c.get_run(run_id)).info.artifact_uri.rstrip("/")
+    return f"{root}/{local.name}"
 
 
 def register_adapter(adapter_uri: str, *, train_run_id: str, lineage: dict[str, str], name: str | None = None,
-                     extra_tags: dict[str, str] | None = None, c=None) -> ModelVersion:
-    """Register ``adapter_uri`` as a new version of ``name`` (created when missing), with
-    ``lineage`` and ``extra_tags`` as version tags; a repeated call for the same training run
+                     extra_tags: dict[str, str] | None = None, parts: list[str] | None = None,
+                     c=None) -> ModelVersion:
+    """Register ``adapter_uri`` (the trained adapter/, face_adapter/ or content_guider/ folder) as a
+    new version of ``name`` (created when missing), with ``lineage`` and ``extra_tags`` as version
+    tags. ``parts``: every sub-folder training exported next to it (default: that folder alone), e.g.
+    motion_adapter/ as well; they travel with the version. A repeated call for the same training run
     and adapter (a retried pipeline step) returns the version it made before."""
     from mlflow.exceptions import MlflowException
 
     c = c or _retrying("reaching the tracking server", client)
     name = name or default_model_name()
-    tags = {RUN_TAG: train_run_id, **{k: str(v) for k, v in lineage.items()}, **(extra_tags or {})}
-    source = _source(adapter_uri, train_run_id, c) if train_run_id else adapter_uri
+    parts = parts or [adapter_uri.rstrip("/").rsplit("/", 1)[-1]]
+    tags = {RUN_TAG: train_run_id, PARTS_TAG: ",".join(parts), **{k: str(v) for k, v in lineage.items()},
+            **(extra_tags or {})}
+    source = _source(adapter_uri, train_run_id, c, parts) if train_run_id else adapter_uri
 
     def ensure_model():
         try:
@@ -199,11 +208,16 @@ def registered_version_of(weights: str | None) -> dict | None:
     """The marker (name, version, uri, source) when ``weights`` (a folder or URI) holds a registered adapter."""
     if not weights or is_reference(weights):
         return None
-    uri = storage.join(weights, "adapter", MARKER)
-    try:
-        return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
-    except (OSError, ValueError, storage.StorageError):
-        return None
+    from .model.trained import PRIMARY_PARTS
+
+    for part in PRIMARY_PARTS:
+        uri = storage.join(weights, part, MARKER)
+        try:
+            if storage.exists(uri):
+                return json.loads(storage.read_bytes(uri))
+        except (OSError, ValueError, storage.StorageError):
+            return None
+    return None
 
 
 # ---- resolution -------------------------------------------------------------------------------
@@ -242,27 +256,44 @@ def _not_found(r: Reference, c, e) -> str:
     return f"registered model {r.name!r} has no version {r.version} ({str(e).splitlines()[0][:160]})"
 
 
+def _parts(v: ModelVersion) -> list[str]:
+    return [p for p in v.tags.get(PARTS_TAG, "").split(",") if p] or [v.source.rstrip("/").rsplit("/", 1)[-1]]
+
+
 def adapter_dir(v: ModelVersion) -> Path:
-    """The version's adapter files as a local folder (downloaded once into the cache)."""
-    if storage.is_s3(v.source):
-        return storage.local_copy(v.source)
+    """The version's adapter (or face adapter / Content Guider) files as a local folder."""
+    return parts_dir(v) / v.source.rstrip("/").rsplit("/", 1)[-1]
+
+
+def parts_dir(v: ModelVersion) -> Path:
+    """A local folder holding every part the version registered (``trained_parts``), each in its
+    sub-folder (downloaded once into the cache)."""
+    primary = v.source.rstrip("/").rsplit("/", 1)[-1]
     if v.source.startswith("file:") or not re.match(r"[A-Za-z][A-Za-z0-9+.\-]*:", v.source):  # a local path
         p = Path(re.sub(r"^file:(//)?", "", v.source))
         if not p.is_dir():
             raise RegistryError(f"{v.uri}: its adapter {v.source} is not on this machine")
-        return p
-    import mlflow.artifacts
+        return p.parent
+    dest = storage.cache_dir() / "registry" / _key(v) / "parts"
+    if (dest / primary / "config.json").is_file():
+        return dest
+    tmp = dest.with_name("parts.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    root = v.source.rstrip("/").rsplit("/", 1)[0]
+    for part in _parts(v):
+        uri = f"{root}/{part}"
+        if storage.is_s3(uri):
+            storage.download_dir(uri, tmp / part)
+        else:
+            import mlflow.artifacts
 
-    dest = storage.cache_dir() / "registry" / _key(v) / "adapter"
-    if not (dest / "config.json").is_file():
-        tmp = dest.with_name("adapter.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        got = _retrying(f"downloading {v.source}",
-                        lambda: mlflow.artifacts.download_artifacts(artifact_uri=v.source, dst_path=str(tmp)))
-        shutil.rmtree(dest, ignore_errors=True)
-        Path(got).rename(dest)
-        shutil.rmtree(tmp, ignore_errors=True)
+            got = _retrying(f"downloading {uri}", lambda: mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(tmp)))
+            if Path(got) != tmp / part:
+                Path(got).rename(tmp / part)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
     return dest
 
 
@@ -274,41 +305,38 @@ def weights_for(v: ModelVersion) -> tuple[str, bool]:
     """(a full weights URI for the version, whether it was assembled on this machine).
 
     The weights folder its evaluation scored (tag ``weights``) when there is one; otherwise its
-    base (``lineage.base_weights``) and its adapter assembled into a local folder."""
+    base (``lineage.base_weights``) with every part the run trained (``trained_parts``: the adapter,
+    face adapter or Content Guider, and motion_adapter/ when the motion modules were trained) laid
+    over it, into a local folder (``model.trained.assemble``, as the pipeline does)."""
+    from .model.trained import PRIMARY_PARTS, assemble
+
     scored = v.tags.get(WEIGHTS_TAG)
-    if scored and storage.exists(storage.join(scored, "adapter", "config.json")):
+    if scored and any(storage.exists(storage.join(scored, p, "config.json")) for p in PRIMARY_PARTS):
         return scored, False
     base = v.tags.get(BASE_TAG, "")
     if not base or base == "unknown":
         raise RegistryError(f"{v.uri} records no base weights ({BASE_TAG}), so its adapter cannot be assembled into "
                             "a weights folder")
-    adapter = adapter_dir(v)
+    parts = parts_dir(v)
     digest = hashlib.sha256(base.encode())
-    for f in sorted(p for p in adapter.rglob("*") if p.is_file() and p.name != MARKER):
-        digest.update(f.relative_to(adapter).as_posix().encode() + f.read_bytes())
+    files = (f for part in _parts(v) for f in (parts / part).rglob("*"))  # not the run's checkpoints beside them
+    for f in sorted(f for f in files if f.is_file() and f.name != MARKER):
+        digest.update(f.relative_to(parts).as_posix().encode() + f.read_bytes())
     # keyed by content: another store's version 1 at the same URI is other weights
     dest = storage.cache_dir() / "registry" / f"{_key(v)}-{digest.hexdigest()[:16]}" / "weights"
-    if (dest / "adapter" / "config.json").is_file():
+    if dest.is_dir():  # renamed into place only once complete
         return str(dest), True
     tmp = dest.with_name("weights.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if base.startswith("preset:"):
-        preset = base.removeprefix("preset:")
-        if preset == "tiny":
-            from .model.presets import save_tiny_weights
+    preset = base.removeprefix("preset:") if base.startswith("preset:") else ""
+    if preset == "mini":
+        from .model.presets import mini_weights
 
-            save_tiny_weights(tmp, with_adapter=False)
-        else:
-            from .model.presets import mini_weights
-
-            shutil.copytree(storage.local_copy(mini_weights()), tmp)
-    else:
-        shutil.copytree(storage.local_copy(base), tmp)
-    shutil.rmtree(tmp / "adapter", ignore_errors=True)
-    shutil.copytree(adapter, tmp / "adapter")
+        preset, base = "", mini_weights()
+    assemble(str(parts), preset, base, str(tmp))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
-    log.info("assembled %s (base %s + its adapter) in %s", v.uri, base, dest)
+    log.info("assembled %s (base %s + %s) in %s", v.uri, base, ", ".join(_parts(v)), dest)
     return str(dest), True
 
 

@@ -36,15 +36,6 @@ def _cli(argv: list[str]) -> None:
         raise RuntimeError(f"`motioncharacter {' '.join(argv)}` failed with exit status {rc}")
 
 
-def _staged(uri: str):
-    """(local dir to write into, function that publishes it to ``uri``)."""
-    if not storage.is_s3(uri):
-        Path(uri).mkdir(parents=True, exist_ok=True)
-        return Path(uri), lambda: None
-    d = Path(tempfile.mkdtemp(prefix="mc-step-", dir=storage.cache_dir()))
-    return d, lambda: storage.upload_dir(d, uri)
-
-
 def prepare_step(data_uri: str, output_uri: str, overrides: list[str]) -> str:
     """Data preparation; ``data_uri="fixtures"`` generates the project's demo clips first."""
     if data_uri == "fixtures":
@@ -90,28 +81,11 @@ def merge_step(output_uri: str, count: int, overrides: list[str]) -> str:
 
 
 def assemble_weights(train_output: str, preset: str, base_weights: str, dest: str) -> str:
-    """A full weights folder (diffusers layout + adapter/) from the base and a trained adapter,
-    so generate, evaluate and deploy all take one ``--weights`` URI."""
-    local, publish = _staged(dest)
-    if preset:
-        from motioncharacter.model.presets import save_tiny_weights
+    """A full weights folder (diffusers layout + what training exported), so generate, evaluate and
+    deploy all take one ``--weights`` URI (``model.trained.assemble``)."""
+    from motioncharacter.model.trained import assemble
 
-        save_tiny_weights(local, with_adapter=False)
-    else:
-        storage.download_dir(base_weights, local) if storage.is_s3(base_weights) else \
-            shutil.copytree(base_weights, local, dirs_exist_ok=True)
-    # what training exported replaces the base's: the adapter (or the face adapter / Content Guider of
-    # train.mode id-animator / dreamoving) and, with model.train_motion_module, the trained motion_adapter/
-    found = [s for s in ("adapter", "face_adapter", "content_guider", "motion_adapter")
-             if storage.exists(storage.join(train_output, s, "config.json"))]
-    if not set(found) - {"motion_adapter"}:
-        raise FileNotFoundError(f"{train_output} holds no trained adapter/, face_adapter/ or content_guider/")
-    for sub in found:
-        if (local / sub).exists():
-            shutil.rmtree(local / sub)
-        storage.download_dir(storage.join(train_output, sub), local / sub)
-    publish()
-    return dest
+    return assemble(train_output, preset, base_weights, dest)
 
 
 def train_args(manifest_uri: str, output_uri: str, preset: str, weights: str, steps: int, ablation: str,

@@ -5,6 +5,7 @@ temporal layers are exported as motion_adapter/ and are what load_pipeline then 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,7 +61,8 @@ def _fresh(mode):
 
 def test_id_animator_mode_trains_resumes_and_exports_motion_modules(prep, tmp_path):
     from motioncharacter.model.face_adapter import IDAnimatorFaceAdapter
-    from motioncharacter.model.features import guider_class, load_pipeline
+    from motioncharacter.model.features import guider_class
+    from motioncharacter.model.inference import load_pipeline
     from motioncharacter.model.presets import build_tiny
     from motioncharacter.pipelines.steps import assemble_weights
 
@@ -95,6 +97,19 @@ def test_id_animator_mode_trains_resumes_and_exports_motion_modules(prep, tmp_pa
     from motioncharacter.model.features import component  # --mode id-animator reads face_adapter/ from there
 
     assert not _moved(component(pipe, "face_adapter"), trained)
+
+    # a registered version carries both trained parts, and assembles into the same folder
+    import uuid
+
+    from motioncharacter import registry
+
+    v = registry.register_adapter(str(out / "face_adapter"), train_run_id="", name=f"modes-{uuid.uuid4().hex[:8]}",
+                                  lineage={registry.BASE_TAG: "preset:tiny"}, parts=["face_adapter", "motion_adapter"])
+    served, assembled = registry.weights_for(v)
+    assert assembled and registry.registered_version_of(served)["uri"] == v.uri
+    for sub in ("face_adapter", "motion_adapter"):
+        for f in (out / sub).glob("*.safetensors"):
+            assert (Path(served) / sub / f.name).read_bytes() == f.read_bytes(), f
 
 
 def test_dreamoving_mode_trains_the_content_guider_and_resumes(prep, tmp_path):

@@ -85,18 +85,20 @@ def register(cfg, data: str, output: str, name: str | None = None):
     import hashlib
 
     from motioncharacter import registry, storage
+    from motioncharacter.model.trained import exported_parts, primary_part
 
     from . import checkpoint as ck
     from .trainer import git_commit
 
     output = output.rstrip("/")
-    adapter = storage.join(output, "adapter")
+    parts = exported_parts(output)  # the adapter (or face adapter / Content Guider), motion_adapter/ if trained
+    adapter = storage.join(output, primary_part(parts, output))
     run_id = (ck.state(output, ck.latest(output)) or {}).get("mlflow_run_id") or ""
     lineage = {registry.MANIFEST_TAG: hashlib.sha256(storage.read_bytes(data)).hexdigest(),
                registry.COMMIT_TAG: git_commit(), "lineage.data_manifest": data,
                **registry.base_lineage(cfg.model.weights or None, cfg.model.preset or None)}
     try:
-        v = registry.register_adapter(adapter, train_run_id=run_id, lineage=lineage, name=name,
+        v = registry.register_adapter(adapter, train_run_id=run_id, lineage=lineage, name=name, parts=parts,
                                       extra_tags={"ablation": cfg.ablation_name(), "train_output": output})
     except registry.RegistryError as e:
         raise registry.RegistryError(f"training finished and its adapter is saved at {adapter}, but it could not "
