@@ -47,12 +47,8 @@ class MotionCharacterAdapter(ModelMixin, ConfigMixin):
 
     def attach(self, unet) -> None:
         """Install a MotionCharacter processor on every spatial cross-attention layer."""
-        found = spatial_cross_attention_layers(unet)
-        missing = set(self.config.layer_dims) ^ set(found)
-        if missing:
-            raise ValueError(f"adapter does not match this UNet: layers {sorted(missing)[:4]} differ "
-                             "(was it trained for another base model?)")
-        install_processors(unet, lambda name: MotionCharacterAttnProcessor(self.mc_layers[_key(name)]))
+        install_processors(unet, self.config.layer_dims, lambda name: MotionCharacterAttnProcessor(
+            self.mc_layers[_key(name)]), "adapter")
 
     def conditioning(self, *, clip_embeds=None, face_embeds=None, action_embeds=None, intensity=None,
                      id_scale: float = 1.0, motion_scale: float = 1.0, id_keep=None, action_keep=None,

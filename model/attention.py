@@ -240,12 +240,17 @@ def takes_conditioning(processor) -> bool:
     return COND_KEY in inspect.signature(processor.__call__).parameters
 
 
-def install_processors(unet, processor_for) -> None:
-    """``processor_for(name)`` on every spatial cross-attention layer; every other attention layer
-    keeps its processor, wrapped to accept the conditioning key (idempotent)."""
+def install_processors(unet, layers, processor_for, what: str) -> None:
+    """``processor_for(name)`` on every spatial cross-attention layer, which must be the ``layers`` an
+    adapter (``what``) was made for; every other attention layer keeps its processor, wrapped to
+    accept the conditioning key (idempotent)."""
     from diffusers.models.attention_processor import Attention
 
     cross = spatial_cross_attention_layers(unet)
+    differ = set(layers) ^ set(cross)
+    if differ:
+        raise ValueError(f"{what} does not match this UNet: layers {sorted(differ)[:4]} differ "
+                         "(was it made for another base model?)")
     for name, mod in unet.named_modules():
         if name in cross:
             mod.set_processor(processor_for(name))

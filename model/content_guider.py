@@ -117,10 +117,8 @@ class ContentGuider(ModelMixin, ConfigMixin):
                        face_dim=face_dim, **kw)
 
     def attach(self, unet) -> None:
-        found = spatial_cross_attention_layers(unet)
-        if set(self.config.layer_dims) != set(found):
-            raise ValueError("content guider does not match this UNet (was it trained for another base model?)")
-        install_processors(unet, lambda name: ContentGuiderAttnProcessor(self.layers[_key(name)]))
+        install_processors(unet, self.config.layer_dims, lambda name: ContentGuiderAttnProcessor(
+            self.layers[_key(name)]), "content guider")
 
     def face_tokens(self, clip_hidden: torch.Tensor, face_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """c_f: (B, num_queries [+ num_face_id_tokens], text_dim). ``face_embeds`` (B, face_dim) adds

@@ -182,14 +182,10 @@ class IDAnimatorFaceAdapter(ModelMixin, ConfigMixin):
                        **kw)
 
     def attach(self, unet) -> None:
-        from .attention import install_processors, spatial_cross_attention_layers
+        from .attention import install_processors
 
-        found = spatial_cross_attention_layers(unet)
-        differ = set(self.config.layer_dims) ^ set(found)
-        if differ:
-            raise ValueError(f"face adapter does not match this UNet: layers {sorted(differ)[:4]} differ "
-                             "(was it made for another base model?)")
-        install_processors(unet, lambda name: IDAnimatorAttnProcessor(self.layers[_key(name)]))
+        install_processors(unet, self.config.layer_dims, lambda name: IDAnimatorAttnProcessor(
+            self.layers[_key(name)]), "face adapter")
 
     def face_tokens(self, clip_hidden: torch.Tensor, face_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """c_f (B, num_queries, text_dim) from CLIP's penultimate hidden states; ID-Animator uses no
