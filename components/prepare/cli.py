@@ -58,11 +58,22 @@ def add_commands(sub) -> None:
 
 def _prepare(args) -> int:
     from motioncharacter.config import load
+    from motioncharacter.faults import TransientError
 
     from .settings import PrepareConfig
-    from .stage import PrepareIncomplete, prepare, write_summary_table
 
     cfg = load(PrepareConfig, "prepare.yaml", args.config, args.overrides)
+    try:
+        return _prepare_or_incomplete(args, cfg)
+    except TransientError as e:  # e.g. the object store unreachable through every retry
+        print(f"error: {e}\nevery clip finished before this is saved; run the same command again to resume",
+              file=sys.stderr)
+        return 75  # EX_TEMPFAIL, as for an incomplete run
+
+
+def _prepare_or_incomplete(args, cfg) -> int:
+    from .stage import PrepareIncomplete, prepare, write_summary_table
+
     if args.shard:
         try:
             done = prepare(args.input, args.output, cfg, progress=not args.no_progress, shard=args.shard)

@@ -394,6 +394,8 @@ def _process(inputs: list[str], output_uri: str, cfg: PrepareConfig, progress: b
                 if not is_transient(e):
                     raise
                 log.warning("%s: transient failure (try %d of %d): %s", name, attempt, TRANSIENT_TRIES, e)
+                if attempt == TRANSIENT_TRIES and isinstance(e, storage.StoreUnavailable):
+                    raise  # the output store itself is gone: no other input can be saved either
                 if attempt == TRANSIENT_TRIES:  # not recorded: the next run tries this input again
                     rec, was_resumed = {"clip": name, "key": None, "kept": False, "motion_intensity": None,
                                         "reasons": [f"transient: {type(e).__name__}: {e}"], "info": {}}, False

@@ -72,11 +72,44 @@ def staging_dir(output: str) -> Path:
     return p
 
 
-def publish(output: str, step_tag: str, local_root: Path, upload: bool) -> None:
-    """Upload a staged checkpoint to s3:// (``upload`` on one process per node)."""
-    if storage.is_s3(output) and upload:
-        storage.upload_dir(local_root / step_tag, storage.join(root(output), step_tag))
-        shutil.rmtree(local_root / step_tag, ignore_errors=True)
+# An object store restarting (a pod rescheduled, a node drained) is waited out for this long before a
+# checkpoint upload fails the run; the storage layer's own retries cover about a second.
+PUBLISH_PATIENCE_S = 300.0
+
+
+def publish(output: str, step_tag: str, local_root: Path, upload: bool,
+            patience_s: float = PUBLISH_PATIENCE_S) -> None:
+    """Upload a staged checkpoint to s3:// (``upload`` on one process per node), waiting out an
+    unreachable store for up to ``patience_s``; then a StoreUnavailable that names what is safe."""
+    import logging
+    import time
+
+    if not (storage.is_s3(output) and upload):
+        return
+    dest = storage.join(root(output), step_tag)
+    deadline, delay, warned = time.monotonic() + patience_s, 2.0, False
+    while True:
+        try:
+            storage.upload_dir(local_root / step_tag, dest)
+            break
+        except storage.StoreUnavailable as e:
+            if time.monotonic() + delay > deadline:
+                try:
+                    last = latest(output)
+                except storage.StorageError:  # still down
+                    last = None
+                raise storage.StoreUnavailable(
+                    f"checkpoint {step_tag} could not be uploaded to {dest} within {patience_s:g} s ({e}). It is "
+                    f"staged at {local_root / step_tag}; the last uploaded checkpoint is "
+                    f"{last or 'the one `latest` names'}, and `--resume` continues from it") from None
+            if not warned:
+                logging.getLogger(__name__).warning("object store unreachable while uploading checkpoint %s; "
+                                                    "trying again for up to %g s", step_tag, patience_s)
+                warned = True
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+    shutil.rmtree(local_root / step_tag, ignore_errors=True)
+
 
 
 def mark_latest(output: str, step_tag: str) -> None:

@@ -375,6 +375,13 @@ class Trainer:
             self._node_first(f"downloading checkpoint {existing}", functools.partial(ck.fetch, self.output, existing))
             local_root = ck.fetch(self.output, existing, download=False)
             ck.load(engine, local_root, existing)  # weights_only unpickling with an allow-list
+            if storage.is_s3(self.output):  # the downloaded copy is read: free the node's disk
+                if dist.is_initialized():
+                    dist.barrier()
+                if self.local_rank == 0:
+                    import shutil
+
+                    shutil.rmtree(local_root / existing, ignore_errors=True)
             step, run_id = int(state["step"]), state.get("mlflow_run_id")
             self.step_done = self.step_saved = step
             log.info("resumed from %s at step %d", existing, step)
