@@ -100,6 +100,14 @@ def run(cmd: list[str], env: dict, log: Path, timeout: float) -> tuple[int | Non
     return rc, log.read_text(errors="replace"), time.monotonic() - t
 
 
+def wait_exit(p: subprocess.Popen, timeout_s: float) -> int | None:
+    """Its exit code, or None when it is still running after ``timeout_s``."""
+    try:
+        return p.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def last_error(text: str) -> str:
     """The last line that reads like an error (what a user scanning the output sees), else the last line."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -265,10 +273,7 @@ def scenario_prepare(root: Path, kill_after_s: float, timeout_s: float) -> dict:
             r["records_at_kill"] = sum(k.startswith(f"{prep}/records/") for k in at_kill)
             r["s3_group_left_after_kill"] = s3.kill()
             t_kill = time.monotonic()
-            try:
-                rc = p.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                rc = None
+            rc = wait_exit(p, timeout_s)
         finally:
             if p.poll() is None:
                 p.kill()
@@ -377,17 +382,11 @@ def scenario_checkpoint(root: Path, steps: int, timeout_s: float, outage_s: floa
             r["killed_at_s"] = round(time.monotonic() - t0, 1)
             r["s3_group_left_after_kill"] = s3.kill()
             t_kill = time.monotonic()
-            try:  # an outage of outage_s (a rescheduled pod), then the store comes back
-                rc = p.wait(outage_s)
-            except subprocess.TimeoutExpired:
-                rc = None
+            rc = wait_exit(p, outage_s)  # an outage of outage_s (a rescheduled pod), then the store comes back
             r["outage_s"] = round(time.monotonic() - t_kill, 1)
             r["restart_s"] = round(s3.up(), 1)
             if rc is None:
-                try:
-                    rc = p.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    rc = None
+                rc = wait_exit(p, timeout_s)
         finally:
             if p.poll() is None:
                 p.kill()

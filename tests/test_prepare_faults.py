@@ -144,3 +144,22 @@ def test_s3_resume_on_a_fresh_cache_rebuilds_the_contact_sheet(stack, tmp_path, 
 
     sheet = Image.open(io.BytesIO(storage.read_bytes(f"{out}/contact_sheet.png")))
     assert sheet.height >= 112 * first["kept"]  # one row per kept clip, from the store's frames
+
+
+def test_an_unreachable_output_store_stops_the_run_with_exit_75(tmp_path, monkeypatch, capsys):
+    """The store itself gone: the first input that cannot be saved ends the run (no point trying the
+    others), with exit 75 (retry) and a resume hint, not a crash. bench_faults.py kills a real one."""
+    from motioncharacter.cli import main
+    from motioncharacter.stack import free_port
+
+    src = write_fixtures(tmp_path / "fx", velocities=(0, 8), bad_inputs=False)  # several inputs
+    monkeypatch.setattr(stage, "TRANSIENT_BACKOFF_S", 0.0)
+    monkeypatch.setenv("MOTIONCHARACTER_S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("MOTIONCHARACTER_CACHE", str(tmp_path / "cache"))
+    assert main(["data", "prepare", str(src), "--output", "s3://gone/prep", "--no-progress", "--no-track",
+                 "--set", "filters.ocr=false"]) == 75
+    err = capsys.readouterr().err
+    assert "unreachable" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err

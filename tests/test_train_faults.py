@@ -359,3 +359,35 @@ def test_resume_on_another_process_count_is_refused(two_rank_data, two_rank_base
     assert rc == 1, log[-3000:]
     assert "checkpoint step-00000004 was saved by 2 rank(s) and cannot resume on 1" in log
     assert "Traceback" not in log and time.time() - t0 < 60  # refused before the model is built
+
+
+# ---- the object store gone while a checkpoint uploads (bench/bench_faults.py runs the real kill) -----
+
+def test_checkpoint_upload_waits_for_the_store_then_names_what_is_safe(s3_only_stack, tmp_path, monkeypatch, caplog):
+    """An upload into an unreachable store is tried again (one warning) until the patience runs out;
+    then the error names the staged step and --resume, and the staged copy is kept."""
+    from motioncharacter.components.train import checkpoint as ck
+    from motioncharacter.stack import free_port
+
+    use_s3(s3_only_stack, monkeypatch)
+    monkeypatch.setenv("MOTIONCHARACTER_S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    staged = tmp_path / "step-00000004"
+    staged.mkdir()
+    (staged / "state.json").write_text("{}")
+    with pytest.raises(storage.StoreUnavailable) as e:
+        ck.publish(f"s3://{s3_only_stack.bucket}/gone", "step-00000004", tmp_path, upload=True, patience_s=3)
+    assert "checkpoint step-00000004 could not be uploaded" in str(e.value) and "--resume" in str(e.value)
+    assert str(staged) in str(e.value) and (staged / "state.json").is_file()
+    assert sum("trying again for up to" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_checkpoint_upload_succeeds_and_frees_the_staged_copy(s3_only_stack, tmp_path, monkeypatch):
+    from motioncharacter.components.train import checkpoint as ck
+
+    use_s3(s3_only_stack, monkeypatch)
+    out = f"s3://{s3_only_stack.bucket}/up-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "step-00000002").mkdir()
+    (tmp_path / "step-00000002" / "state.json").write_text('{"step": 2}')
+    ck.publish(out, "step-00000002", tmp_path, upload=True, patience_s=3)
+    assert storage.read_bytes(storage.join(ck.root(out), "step-00000002", "state.json")) == b'{"step": 2}'
+    assert not (tmp_path / "step-00000002").exists()
