@@ -46,12 +46,13 @@ CONFIGS = {
     "vae slicing": {"vae_slicing": True},
     "ff chunking": {"ff_chunking": True},
     "split guidance": {"split_guidance": True},
-    "memory options": {"vae_slicing": True, "ff_chunking": True, "split_guidance": True},
+    "split frames": {"split_frames": 8},  # implies split guidance
+    "memory options": {"vae_slicing": True, "ff_chunking": True, "split_guidance": True, "split_frames": 8},
     "cpu offload": {"cpu_offload": True},
     "compile": {"compile": True},
     "defaults": None,  # model.acceleration.Acceleration() as shipped
 }
-MEMORY = ("baseline", "vae slicing", "ff chunking", "split guidance", "memory options")
+MEMORY = ("baseline", "vae slicing", "ff chunking", "split guidance", "split frames", "memory options")
 
 
 # ---- the models ------------------------------------------------------------------------------

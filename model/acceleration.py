@@ -9,6 +9,10 @@ defaults are the ones that help without changing the output beyond the measured 
 * ff_chunking: feed-forward layers run over chunks of the sequence (diffusers' forward chunking).
 * split_guidance: the unconditional and conditional halves of classifier-free guidance run one after
   the other instead of as one batch: half the activation memory, same result.
+* split_frames: diffusers' FreeNoise split inference for the spatial layers (resnets, spatial
+  attention, samplers): N frames at a time, so a long video's activations inside a layer stop growing
+  with its frame count. It implies split_guidance: the per-sample conditioning must see one video per
+  UNet call.
 * cpu_offload: diffusers' model CPU offload (accelerator devices only: weights wait in host memory).
 * channels_last, fuse_qkv, compile: memory layout, fused self-attention projections, torch.compile.
 * action_tokens: "eot" lets the action attention read the phrase up to its end-of-text token only
@@ -49,6 +53,7 @@ class Acceleration:
     vae_tiling: bool = False
     ff_chunking: bool = False
     split_guidance: bool = False
+    split_frames: int = 0
     cpu_offload: bool = False
     channels_last: bool = False
     fuse_qkv: bool = False
@@ -60,6 +65,8 @@ class Acceleration:
         for f in fields(self):
             if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
                 raise ValueError(f"{f.name} must be true or false, got {getattr(self, f.name)!r}")
+        if isinstance(self.split_frames, bool) or not isinstance(self.split_frames, int) or self.split_frames < 0:
+            raise ValueError(f"split_frames must be an integer >= 0 (0 = off), got {self.split_frames!r}")
         if self.action_tokens not in ACTION_TOKENS:
             raise ValueError(f"action_tokens must be one of {', '.join(ACTION_TOKENS)}, got {self.action_tokens!r}")
         return self
@@ -105,6 +112,7 @@ class Acceleration:
             pipe.vae.enable_tiling()
         if self.ff_chunking:
             pipe.unet.enable_forward_chunking(chunk_size=1, dim=1)
+        split_frames(pipe.unet, self.split_frames)
         if self.fuse_qkv:
             pipe.unet.fuse_qkv_projections()  # every processor becomes the fused one ...
             pipe.adapter.attach(pipe.unet)     # ... then the MotionCharacter cross-attention comes back
@@ -117,6 +125,34 @@ class Acceleration:
             pipe.enable_model_cpu_offload(device=pipe.device)
         if self.compile:
             pipe.unet = torch.compile(pipe.unet)
+
+
+# layer list -> keyword inputs split on the (B*F) batch axis, as diffusers'
+# AnimateDiffFreeNoiseMixin.enable_free_noise_split_inference wires the spatial layers
+_SPATIAL = {"resnets": ("input_tensor", "temb"), "attentions": ("hidden_states", "encoder_hidden_states"),
+            "downsamplers": ("hidden_states",), "upsamplers": ("hidden_states",)}
+
+
+def split_frames(unet, frames: int) -> None:
+    """diffusers' SplitInferenceModule around each spatial layer's forward, ``frames`` rows of the
+    (B*F) batch at a time; 0 undoes it.
+
+    The forward method is replaced on the instance instead of the module in its list (what
+    ``enable_free_noise_split_inference`` does), so layer names, state-dict keys and the adapters'
+    processor names stay the same and the option can be switched off. The motion modules are not
+    split here: FreeNoise rebuilds their blocks for each long video and already runs them window by
+    window (model/long_video.py)."""
+    from diffusers.pipelines.free_noise_utils import SplitInferenceModule
+
+    # a mid block without motion modules is diffusers' UNetMidBlock2DCrossAttn, which passes its inputs
+    # by position (SplitInferenceModule splits keywords only); it is the smallest level anyway
+    mid = [unet.mid_block] if getattr(unet.mid_block, "motion_modules", None) is not None else []
+    for block in [*unet.down_blocks, *mid, *unet.up_blocks]:
+        for attr, keys in _SPATIAL.items():
+            for mod in getattr(block, attr, None) or ():
+                mod.__dict__.pop("forward", None)
+                if frames:  # an instance attribute, not a registered submodule: the module tree stays
+                    object.__setattr__(mod, "forward", SplitInferenceModule(mod.forward, frames, 0, list(keys)))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -138,6 +174,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        ("compile", "torch.compile the UNet (slow first call; see README)")):
         g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=getattr(d, name.replace("-", "_")),
                        help=text)
+    g.add_argument("--split-frames", type=int, default=d.split_frames, metavar="N",
+                   help="spatial layers over N frames at a time (diffusers' FreeNoise split inference; "
+                        "implies --split-guidance; 0 = off)")
     g.add_argument("--action-tokens", choices=ACTION_TOKENS, default=d.action_tokens,
                    help="action attention over all 77 CLIP positions or up to the end-of-text token")
 

@@ -200,7 +200,9 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
         latents = self.prepare_latents(1, self.unet.config.in_channels, num_frames, height, width, text.dtype,
                                        device, generator, latents)
         timesteps = self.scheduler.timesteps
-        halves = [slice(0, num_frames), slice(num_frames, 2 * num_frames)] if cfg and acc.split_guidance else None
+        # split_frames chunks the batch rows, so it needs one video per UNet call (acceleration.py)
+        split = acc.split_guidance or acc.split_frames > 0
+        halves = [slice(0, num_frames), slice(num_frames, 2 * num_frames)] if cfg and split else None
         caches = [FeatureCache(self.unet, acc.cache_interval, acc.cache_depth) for _ in (halves or [None])]
         for i, t in enumerate(timesteps):
             inp = torch.cat([latents] * 2) if cfg else latents

@@ -254,6 +254,9 @@ class Stack:
         self.bucket = bucket or st.get("bucket") or os.environ.get("MOTIONCHARACTER_BUCKET") or DEFAULT_BUCKET
         self.s3_port = self._port(s3_port, st, "s3", DEFAULT_S3_PORT)
         self.mlflow_port = self._port(mlflow_port, st, "mlflow", DEFAULT_MLFLOW_PORT)
+        # a port picked free here may be taken before its server binds it (the S3 server's internal
+        # servers pick free ports too: seen in the test suite); up() picks again for these
+        self._picked = {name for name, asked in (("s3", s3_port), ("mlflow", mlflow_port)) if asked == 0}
 
     @staticmethod
     def _port(asked, st, name, default) -> int:
@@ -392,6 +395,9 @@ class Stack:
                 setattr(self, f"{name}_port", svc["port"])
                 continue
             port = self.s3_port if name == "s3" else self.mlflow_port
+            if not port_free(port) and name in self._picked:
+                port = free_port()
+                setattr(self, f"{name}_port", port)
             if not port_free(port):
                 opt = "--s3-port" if name == "s3" else "--mlflow-port"
                 raise StackError(f"port {port} on {HOST} is already in use by another program: "

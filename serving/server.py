@@ -48,6 +48,43 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+# The Python backend keeps each model instance's tensors in /dev/shm regions named by this prefix.
+# A killed server leaves them (about 2 MiB each, seen here), so each server gets its owner's pid in
+# the prefix: stop() removes its own, and start() removes those whose owner is gone.
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "motioncharacter_triton_"
+
+
+def _shm_regions(prefix: str) -> list[Path]:
+    return sorted(SHM_DIR.glob(f"{prefix}*")) if SHM_DIR.is_dir() else []
+
+
+def remove_stale_shm() -> list[str]:
+    """Remove the shared-memory regions of servers whose owning process has exited; their names."""
+    removed = []
+    for region in _shm_regions(SHM_PREFIX):
+        try:
+            owner = int(region.name[len(SHM_PREFIX):].split("_", 1)[0])
+        except ValueError:
+            continue
+        if not _alive(owner):
+            region.unlink(missing_ok=True)
+            removed.append(region.name)
+    if removed:
+        log.info("removed %d shared-memory regions left by servers that were killed", len(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 class ServerError(RuntimeError):
     """tritonserver could not start, or did not become ready; the message holds its last log lines."""
 
@@ -137,6 +174,7 @@ class TritonServer:
 
         self._random_key = secrets.token_hex(16)
         self._started_key: str | None = None
+        self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(4)}_"
 
     @property
     def admin_key(self) -> str:
@@ -172,6 +210,7 @@ class TritonServer:
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true", "--allow-cpu-metrics=true", "--allow-gpu-metrics=false",
             f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--log-verbose={self.log_verbose}",
             *self.extra_args,
         ]
@@ -183,6 +222,7 @@ class TritonServer:
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log_file, "ab")
+        remove_stale_shm()
         log.info("starting tritonserver: %s", " ".join(self.command(redact=True)))
         self._started_key = None
         self._started_key = self.admin_key  # what command() passes: later env changes do not reach the server
@@ -233,6 +273,8 @@ class TritonServer:
                 log.warning("tritonserver did not stop in time; killing its process group %d", self.proc.pid)
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+        for region in _shm_regions(self.shm_prefix):  # what a killed server or stub could not remove
+            region.unlink(missing_ok=True)
         return self.proc.returncode
 
     def __enter__(self) -> "TritonServer":

@@ -103,6 +103,52 @@ def test_split_guidance_runs_the_unet_per_half():
     assert batches == [REQ["frames"]] * (2 * REQ["steps"])
 
 
+def test_split_frames_runs_spatial_layers_on_chunks_with_the_same_video():
+    """FreeNoise split inference on a 20-frame video (sliding windows) with guidance: the spatial
+    layers see at most N frames per call, the video is the same as unsplit, and 0 switches it off."""
+    from motioncharacter.model.acceleration import split_frames
+    from motioncharacter.model.inference import generate
+
+    req = {**REQ, "frames": 20, "steps": 2}
+    pipe = _pipe(split_guidance=True)
+    names = sorted(pipe.unet.state_dict())
+    resnet, attn = pipe.unet.down_blocks[0].resnets[0], pipe.unet.down_blocks[1].attentions[0]
+
+    def run():
+        rows = []
+        hooks = [m.register_forward_hook(lambda mod, a, out: rows.append(a[0].shape[0]))
+                 for m in (resnet.norm1, attn.proj_in)]
+        try:
+            return generate(pipe, image=face_image(), **req), rows
+        finally:
+            for h in hooks:
+                h.remove()
+
+    whole, whole_rows = run()
+    split_frames(pipe.unet, 6)
+    chunked, rows = run()
+    assert set(whole_rows) == {20} and max(rows) == 6 and sum(rows) == sum(whole_rows)
+    assert np.abs(chunked.astype(int) - whole).max() <= 1
+    assert sorted(pipe.unet.state_dict()) == names  # the layers are wrapped in place, not replaced
+    split_frames(pipe.unet, 0)
+    assert set(run()[1]) == {20}
+
+
+def test_split_frames_implies_split_guidance():
+    """Each UNet call must hold one video when rows are chunked (the conditioning is per video)."""
+    from motioncharacter.model.inference import generate
+
+    pipe = _pipe(split_frames=2)
+    batches = []
+    hook = pipe.unet.conv_in.register_forward_hook(lambda m, a, out: batches.append(out.shape[0]))
+    try:
+        frames = generate(pipe, image=face_image(), **REQ)
+    finally:
+        hook.remove()
+    assert batches == [REQ["frames"]] * (2 * REQ["steps"])
+    assert np.abs(frames.astype(int) - _gen(split_guidance=True)).max() <= 1
+
+
 def test_action_tokens_eot_reads_only_the_phrase(baseline):
     pipe = _pipe(action_tokens="eot")
     emb = pipe.encode_action("talking")
@@ -117,7 +163,8 @@ def test_options_are_checked_and_travel_as_strings():
     a = Acceleration(cache_interval=3, vae_slicing=True, action_tokens="eot")
     assert Acceleration.from_params(a.to_params()) == a
     for bad, name in ((dict(cache_interval=0), "cache_interval"), (dict(cache_interval=2.5), "cache_interval"),
-                      (dict(action_tokens="some"), "action_tokens"), (dict(vae_slicing="yes"), "vae_slicing")):
+                      (dict(action_tokens="some"), "action_tokens"), (dict(vae_slicing="yes"), "vae_slicing"),
+                      (dict(split_frames=-1), "split_frames"), (dict(split_frames=True), "split_frames")):
         with pytest.raises(ValueError, match=name):
             Acceleration(**bad).check()
     with pytest.raises(ValueError, match="cache_depth"):

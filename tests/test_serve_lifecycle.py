@@ -1,5 +1,6 @@
 """`motioncharacter serve` never outlives its server or leaves it behind: Ctrl-C then a kill while
-a request is being generated leaves no tritonserver and no Python stub running; the admin APIs
+a request is being generated leaves no tritonserver, no Python stub and (after the next start) no
+shared memory behind; the admin APIs
 (model repository, shared memory) are refused without the admin key."""
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 
 from motioncharacter.stack import free_port
 from motioncharacter.serving.client import MotionCharacterClient, Progress
+from motioncharacter.serving.server import SHM_DIR, SHM_PREFIX, remove_stale_shm
 
 from serving_fixtures import PROMPT, export_tiny, face_image
 
@@ -65,12 +67,20 @@ def test_kill_during_an_inflight_request_leaves_nothing_running(tmp_path):
     t = threading.Thread(target=stream, daemon=True)
     t.start()
     assert started.wait(120), "the request never started generating"
+    assert _regions(proc.pid), "the Python backend's shared memory does not carry serve's prefix"
     proc.send_signal(signal.SIGINT)  # a user's Ctrl-C ...
     time.sleep(0.5)
     proc.kill()  # ... then a kill (or a supervisor's SIGKILL)
     proc.wait(10)
     gone, alive = psutil.wait_procs(servers, timeout=90)  # Triton's exit timeout is 15 s
     assert not alive, [f"{p.pid} {p.name()}" for p in alive]
+    # serve died by SIGKILL and could not clean up; the next server's start removes what it left
+    remove_stale_shm()
+    assert not _regions(proc.pid)
+
+
+def _regions(pid: int) -> list:
+    return sorted(SHM_DIR.glob(f"{SHM_PREFIX}{pid}_*"))
 
 
 def test_admin_apis_are_restricted(tmp_path, monkeypatch):
@@ -92,6 +102,8 @@ def test_admin_apis_are_restricted(tmp_path, monkeypatch):
         assert index({"triton-admin-key": env["MOTIONCHARACTER_TRITON_ADMIN_KEY"]}) == 200
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/motioncharacter/config", timeout=10) as r:
             assert r.status == 200  # what clients need stays open
+        assert _regions(proc.pid)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
+    assert not _regions(proc.pid)  # a clean stop removes the server's shared memory
