@@ -48,11 +48,13 @@ CONFIGS = {
     "split guidance": {"split_guidance": True},
     "split frames": {"split_frames": 8},  # implies split guidance
     "memory options": {"vae_slicing": True, "ff_chunking": True, "split_guidance": True, "split_frames": 8},
+    "memory options no split frames": {"vae_slicing": True, "ff_chunking": True, "split_guidance": True},
     "cpu offload": {"cpu_offload": True},
     "compile": {"compile": True},
     "defaults": None,  # model.acceleration.Acceleration() as shipped
 }
-MEMORY = ("baseline", "vae slicing", "ff chunking", "split guidance", "split frames", "memory options")
+MEMORY = ("baseline", "vae slicing", "ff chunking", "split guidance", "split frames", "memory options no split frames",
+          "memory options")
 
 
 # ---- the models ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from train_fixtures import latest, losses, prepared, run_train, train_cmd, train_env
 
 pytestmark = pytest.mark.slow
@@ -83,6 +84,12 @@ def test_sigkill_then_resume_repeats_the_losses(prep, baseline, tmp_path):
     assert "resumed from step-00000002 at step 2" in log
     want, got = losses(baseline), losses(out)
     assert [got[s] for s in (3, 4)] == [want[s] for s in (3, 4)]  # exactly the same floats
+    # and the same weights, bit for bit: CPU Adam's bias correction is replayed on resume
+    # (checkpoint.replay_cpu_adam_bias_correction; without it they differ by ~1e-8)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(o / "adapter" / "diffusion_pytorch_model.safetensors") for o in (baseline, out))
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def test_sigterm_saves_a_checkpoint_then_resumes(prep, baseline, tmp_path):

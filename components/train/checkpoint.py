@@ -192,3 +192,34 @@ def load(engine, local_root: Path, step_tag: str) -> None:
         engine.checkpoint_engine = safe_class(None)
         engine.checkpoint_engine.zipfile_serialization = current.zipfile_serialization
     engine.load_checkpoint(str(local_root), tag=step_tag)
+    replay_cpu_adam_bias_correction(engine)
+
+
+def replay_cpu_adam_bias_correction(engine) -> bool:
+    """Make DeepSpeed's CPU Adam continue bit for bit after a resume.
+
+    On CPU both FusedAdam and DeepSpeedCPUAdam run DeepSpeed's C++ Adam, which keeps beta^step as a
+    float multiplied once per step; the first step after a resume jumps, and is computed with
+    pow(beta, step) instead: another last bit, so a resumed run's weights drifted ~1e-8 from an
+    uninterrupted run's although every saved tensor restores exactly (measured here). Replaying steps
+    1..step on empty tensors rebuilds the product an uninterrupted run holds; nothing else changes.
+    (CUDA's kernels compute the correction from the step each time.) Returns whether it replayed."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    opt = engine.optimizer
+    while opt is not None and not isinstance(opt, (DeepSpeedCPUAdam, FusedAdam)):
+        opt = getattr(opt, "optimizer", None)
+    steps = {int(st["step"]) for st in (opt.state.values() if opt is not None else ()) if "step" in st}
+    if len(steps) != 1 or (isinstance(opt, FusedAdam) and get_accelerator().device_name() != "cpu"):
+        return False
+    e, g = torch.empty(0, dtype=torch.float32), opt.param_groups[0]
+    hyper = (g["lr"], g["betas"][0], g["betas"][1], g["eps"])
+    for s in range(1, steps.pop() + 1):
+        if isinstance(opt, DeepSpeedCPUAdam):
+            opt.ds_opt_adam.adam_update(opt.opt_id, s, *hyper, g["weight_decay"], g["bias_correction"], e, e, e, e)
+        else:  # the C++ side of FusedAdam's multi_tensor_adam: one (empty) tensor per list
+            opt.multi_tensor_adam(2048 * 32, opt._dummy_overflow_buf, [[e], [e], [e], [e]], *hyper, s,
+                                  opt.adam_w_mode, int(g["bias_correction"]), g["weight_decay"])
+    return True
