@@ -20,7 +20,10 @@ export PIP_CONFIG_FILE=/dev/null  # the registry's own files, not a local mirror
 cp "$work/pins.txt" "$work/wheels.txt"
 : > "$work/sdists.txt"
 platform=()
-for tag in manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 linux; do
+# every glibc the images' base (Ubuntu 24.04: glibc 2.39) can run, down to manylinux2014: a wheel
+# tagged with any of them installs there (NVIDIA's tag manylinux_2_18, pytriton manylinux_2_35)
+for minor in $(seq 39 -1 17); do platform+=(--platform "manylinux_2_${minor}_x86_64"); done
+for tag in manylinux2014 linux; do
   platform+=(--platform "${tag}_x86_64")
 done
 # pip stops at the first pin without a matching wheel: move it to the sdist pass and retry
