@@ -20,9 +20,10 @@ export PIP_CONFIG_FILE=/dev/null  # the registry's own files, not a local mirror
 cp "$work/pins.txt" "$work/wheels.txt"
 : > "$work/sdists.txt"
 platform=()
-# every glibc the images' base (Ubuntu 24.04: glibc 2.39) can run, down to manylinux2014: a wheel
-# tagged with any of them installs there (NVIDIA's tag manylinux_2_18, pytriton manylinux_2_35)
-for minor in $(seq 39 -1 17); do platform+=(--platform "manylinux_2_${minor}_x86_64"); done
+# every glibc both images run, from the older base's (Debian bookworm: 2.36; Ubuntu 24.04 has 2.39)
+# down to manylinux2014, so the one hashed file per pin installs in both (NVIDIA's wheels are tagged
+# manylinux_2_18, pytriton manylinux_2_35; a list with gaps missed them)
+for minor in $(seq 36 -1 17); do platform+=(--platform "manylinux_2_${minor}_x86_64"); done
 for tag in manylinux2014 linux; do
   platform+=(--platform "${tag}_x86_64")
 done
