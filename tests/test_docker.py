@@ -66,6 +66,8 @@ def test_base_image_is_pinned(name):
     assert len(froms) == 1, froms
     image = froms[0].split()[0]
     assert "$" not in image, "the base must be fixed in the file, not a build argument"
+    image, _, digest = image.partition("@")  # docker/pin_digests.py adds @sha256:<64 hex>
+    assert not digest or re.fullmatch(r"sha256:[0-9a-f]{64}", digest), digest
     repo, _, tag = image.rpartition(":")
     assert repo and tag and tag != "latest" and "/" not in tag, image
     assert re.fullmatch(IMAGES[name], image), image
@@ -255,3 +257,47 @@ def test_gui_opencv_dependents_install_without_their_deps():
     for name in IMAGES:
         text = (ROOT / "docker" / name).read_text()
         assert re.search(r"pip install --require-hashes --no-deps -r requirements\.lock\.hashes", text), name
+
+
+# ---- docker/pin_digests.py: the registries cannot be reached here, so the lookup is passed in; the
+# ---- HTTP part (resolve) runs only where they can be (it says so in its help)
+def _pin():
+    sys.path.insert(0, str(DOCKER))
+    try:
+        import pin_digests
+    finally:
+        sys.path.remove(str(DOCKER))
+    return pin_digests
+
+
+def test_pin_digests_rewrites_every_third_party_image_and_leaves_ours():
+    pin = _pin()
+    digest = "sha256:" + "ab" * 32
+    seen = []
+    for f in pin.files():
+        text = f.read_text()
+        new, refs = pin.pin_text(text, lambda r: (seen.append(r), digest)[1])
+        for ref in refs:
+            assert f"{ref}@{digest}" in new and "@" not in ref
+        # what is left unpinned in the new text is only the project's own images
+        assert pin.pin_text(new, lambda r: digest)[1] == []
+        assert new.count("motioncharacter:") == text.count("motioncharacter:")
+    assert {r.split(":")[0] for r in seen} >= {"python", "nvidia/cuda", "nvcr.io/nvidia/tritonserver",
+                                               "quay.io/minio/minio", "postgres"}
+    assert not any("motioncharacter" in r for r in seen)
+
+
+def test_pin_digests_parses_references_and_challenges():
+    pin = _pin()
+    assert pin.split_reference("python:3.11-slim") == ("registry-1.docker.io", "library/python", "3.11-slim")
+    assert pin.split_reference("nvidia/cuda:13.0.2") == ("registry-1.docker.io", "nvidia/cuda", "13.0.2")
+    assert pin.split_reference("nvcr.io/nvidia/tritonserver:25.08-py3") == ("nvcr.io", "nvidia/tritonserver", "25.08-py3")
+    assert pin.split_reference("localhost:5000/x/y") == ("localhost:5000", "x/y", "latest")
+    assert pin.split_reference("postgres:17@sha256:" + "0" * 64) is None  # already pinned
+    assert pin.split_reference("ghcr.io/motioncharacter/motioncharacter:0.1.0") is None
+    text = "FROM python:3.11 AS build\nFROM build\n"
+    assert pin.pin_text(text, lambda r: "sha256:1")[1] == ["python:3.11"]  # a stage is not an image
+    c = pin.parse_challenge('Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+                            'scope="repository:library/python:pull"')
+    assert c == {"realm": "https://auth.docker.io/token", "service": "registry.docker.io",
+                 "scope": "repository:library/python:pull"}
