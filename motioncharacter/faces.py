@@ -119,11 +119,9 @@ class ArcFaceEmbedder:
     def __init__(self, pack_dir: str | os.PathLike):
         from insightface.model_zoo import get_model
 
-        pack = Path(pack_dir)
-        onnx = sorted(p for p in pack.glob("*.onnx") if "w600k" in p.name or "glint" in p.name or "arc" in p.name)
-        if not onnx:
-            raise FileNotFoundError(f"no ArcFace recognition .onnx found in {pack} (expected e.g. w600k_r50.onnx)")
-        self._model = get_model(str(onnx[0]), providers=["CPUExecutionProvider"])
+        from .model.arcface import find_recognition_onnx  # one rule for "which .onnx is ArcFace"
+
+        self._model = get_model(str(find_recognition_onnx(pack_dir)), providers=["CPUExecutionProvider"])
         self._model.prepare(ctx_id=-1)
 
     def embed(self, rgb: np.ndarray, face: Face) -> np.ndarray:
