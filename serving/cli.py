@@ -60,6 +60,9 @@ def add_commands(sub) -> None:
                    help="no model_warmup: by default Triton runs the smallest valid request (1 step, 2 frames, "
                         "64x64 at most) on every new instance before the version serves, so a version that cannot "
                         "generate never replaces a working one")
+    p.add_argument("--keep-versions", type=int, default=3, metavar="N",
+                   help="after the deploy, delete version folders beyond the newest N, never the new one or the "
+                        "one it replaces (default 3; 0 keeps all; not with --version-policy)")
     p.add_argument("--rollback", action="store_true",
                    help="point the models back at the version served before the current one (or --version N) "
                         "instead of deploying; no weights needed")
@@ -151,7 +154,7 @@ def _deploy(args: argparse.Namespace) -> int:
         kind=args.kind, instances=args.instances, max_batch_size=args.max_batch_size,
         max_queue_size=args.max_queue_size, queue_timeout_s=args.queue_timeout,
         request_timeout_s=args.request_timeout, version=args.version, version_policy=args.version_policy,
-        warmup=args.warmup,
+        warmup=args.warmup, keep_versions=args.keep_versions,
         fps=args.fps, limits=Limits(max_frames=args.max_frames, max_resolution=args.max_resolution,
                                     max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars))
     dest = args.model_repository

@@ -59,6 +59,7 @@ class DeployOptions:
     version: int = 0                  # version folder to write; 0 = one above the highest there
     version_policy: str = ""          # "" = specific:<the new version>; latest:N | all | specific:1,2
     warmup: bool = True               # Triton runs the smallest valid request before serving a version
+    keep_versions: int = 3            # after a deploy, version folders beyond the newest N go (0 = keep all)
     fps: int = 8                      # frame rate of the returned mp4
     limits: Limits = field(default_factory=Limits)
 
@@ -79,6 +80,9 @@ class DeployOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.version < 0:
             raise ValueError(f"--version must be >= 1 (or 0 for the next free version), got {self.version}")
+        if self.keep_versions < 0 or self.keep_versions == 1:
+            raise ValueError(f"--keep-versions must be 0 (keep all) or >= 2 (the new version and the one to "
+                             f"roll back to), got {self.keep_versions}")
         for name in ("queue_timeout_s", "request_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -212,7 +216,21 @@ def write_version(dest: str, opts: DeployOptions) -> int:
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+    if opts.keep_versions and not opts.version_policy:  # latest:N / all: the user picks what is served
+        prune(dest, opts.keep_versions, keep={version, previous})
     return version
+
+
+def prune(dest: str, keep_newest: int, keep: set = frozenset()) -> list[int]:
+    """Delete the version folders of both models beyond the newest ``keep_newest`` (copied weights
+    make each one as large as the model), never one in ``keep`` (the new version and the one it
+    replaced: a server may still serve it, and rollback returns to it); returns those deleted."""
+    existing = versions(dest)
+    gone = [v for v in existing[:-keep_newest] if v not in keep]
+    for v in gone:
+        for name in (MODEL, STREAM_MODEL):
+            storage.remove_tree(storage.join(dest, name, str(v)))
+    return gone
 
 
 # -- versions and rollback ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,28 @@ def test_versions_and_rollback_on_s3(s3_only_stack, monkeypatch, capsys):
     assert main(deploy) == 0 and versions(uri) == [1, 2, 3] and served_version(uri) == 3
     assert rollback(uri) == (3, 1)
     assert rollback(uri, to_version=3) == (1, 3) and "versions: [ 3 ]" in config(STREAM_MODEL)
+    # beyond the newest 3 (the default --keep-versions) the oldest goes, from the bucket too
+    assert main(deploy) == 0 and versions(uri) == [2, 3, 4]
+    assert not list(storage.list_files(f"{uri}/{MODEL}/1")) and not list(storage.list_files(f"{uri}/{STREAM_MODEL}/1"))
+
+
+def test_old_versions_are_pruned_but_never_the_one_to_roll_back_to(tmp_path):
+    repo = str(tmp_path / "repo")
+    opts = DeployOptions(preset="tiny", warmup=False)
+    for _ in range(3):
+        write_version(repo, opts)
+    assert versions(repo) == [1, 2, 3]
+    rollback(repo, to_version=1)
+    assert write_version(repo, opts) == 4 and versions(repo) == [1, 2, 3, 4]  # 1 is what 4 replaced
+    assert write_version(repo, opts) == 5 and versions(repo) == [3, 4, 5]
+    assert not (tmp_path / "repo" / MODEL / "1").exists() and not (tmp_path / "repo" / STREAM_MODEL / "2").exists()
+    assert rollback(repo) == (5, 4)
+    write_version(repo, replace(opts, keep_versions=0))
+    write_version(repo, replace(opts, version_policy="latest:2"))  # the user picks what is served: all stay
+    assert versions(repo) == [3, 4, 5, 6, 7]
+    for bad in (1, -1):
+        with pytest.raises(ValueError, match="keep-versions"):
+            write_version(repo, replace(opts, keep_versions=bad))
 
 
 def test_deploy_options_that_cannot_work_are_refused_before_writing(tmp_path, monkeypatch, capsys):
