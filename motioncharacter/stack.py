@@ -120,7 +120,7 @@ def _free_admin_port() -> int:
     raise StackError("no free port pair (p, p+10000) for the S3 server's admin component")
 
 
-def _alive(pid: int | None, marker: str | None = None) -> bool:
+def pid_alive(pid: int | None, marker: str | None = None) -> bool:
     """True when pid runs (not a zombie) and, if given, its command line contains marker."""
     if not pid:
         return False
@@ -279,7 +279,7 @@ class Stack:
 
     def _running(self, name: str, st: dict | None = None) -> dict | None:
         svc = (st or self._load()).get("services", {}).get(name)
-        if svc and _alive(svc.get("pid"), str(self.dir)):
+        if svc and pid_alive(svc.get("pid"), str(self.dir)):
             return svc
         return None
 
@@ -526,7 +526,7 @@ class Stack:
                 pass
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
-                if not _alive(pid) and not _group(pid):
+                if not pid_alive(pid) and not _group(pid):
                     _children.pop(pid, None)
                     return
                 time.sleep(0.1)

@@ -282,13 +282,11 @@ def write_bytes(uri: str, data: bytes) -> None:
     _s3_call(f"writing {uri}", lambda: c.put_object(bucket, key, io.BytesIO(data), len(data)))
 
 
-def remove_tree(uri: str) -> int:
-    """Delete a folder (or s3:// prefix) and everything under it; returns how many files went."""
+def remove_tree(uri: str) -> None:
+    """Delete a folder (or s3:// prefix) and everything under it."""
     if not is_s3(uri):
-        p = Path(uri)
-        n = sum(1 for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
-        shutil.rmtree(p, ignore_errors=True)
-        return n
+        shutil.rmtree(uri, ignore_errors=True)
+        return
     from minio.deleteobjects import DeleteObject
 
     bucket, _ = parse_s3(uri)
@@ -297,7 +295,6 @@ def remove_tree(uri: str) -> int:
     errors = _s3_call(f"deleting {uri}", lambda: list(c.remove_objects(bucket, [DeleteObject(n) for n in names])))
     if errors:
         raise StorageError(f"could not delete {len(errors)} objects under {uri}: {errors[0]}")
-    return len(names)
 
 
 def upload_file(local: str | Path, uri: str) -> None:

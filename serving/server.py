@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from .. import storage
-from ..stack import free_port  # noqa: F401 (one helper for every loopback service)
+from ..stack import free_port, pid_alive  # noqa: F401 (free_port: one helper for every loopback service)
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +67,12 @@ def remove_stale_shm() -> list[str]:
             owner = int(region.name[len(SHM_PREFIX):].split("_", 1)[0])
         except ValueError:
             continue
-        if not _alive(owner):
+        if not pid_alive(owner):
             region.unlink(missing_ok=True)
             removed.append(region.name)
     if removed:
         log.info("removed %d shared-memory regions left by servers that were killed", len(removed))
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 class ServerError(RuntimeError):

@@ -90,39 +90,36 @@ def test_memory_options_keep_the_output(baseline, option):
     assert np.abs(frames.astype(int) - baseline).max() <= 1
 
 
-def test_split_guidance_runs_the_unet_per_half():
+def _rows_seen(pipe, modules, req=REQ):
+    """The video ``pipe`` generates for ``req``, and the batch rows each call of ``modules`` received."""
     from motioncharacter.model.inference import generate
 
-    pipe = _pipe(split_guidance=True)
-    batches = []
-    hook = pipe.unet.conv_in.register_forward_hook(lambda m, a, out: batches.append(out.shape[0]))
+    rows = []
+    hooks = [m.register_forward_hook(lambda mod, a, out: rows.append(a[0].shape[0])) for m in modules]
     try:
-        generate(pipe, image=face_image(), **REQ)
+        return generate(pipe, image=face_image(), **req), rows
     finally:
-        hook.remove()
-    assert batches == [REQ["frames"]] * (2 * REQ["steps"])
+        for h in hooks:
+            h.remove()
+
+
+def test_split_guidance_runs_the_unet_per_half():
+    pipe = _pipe(split_guidance=True)
+    assert _rows_seen(pipe, [pipe.unet.conv_in])[1] == [REQ["frames"]] * (2 * REQ["steps"])
 
 
 def test_split_frames_runs_spatial_layers_on_chunks_with_the_same_video():
     """FreeNoise split inference on a 20-frame video (sliding windows) with guidance: the spatial
     layers see at most N frames per call, the video is the same as unsplit, and 0 switches it off."""
     from motioncharacter.model.acceleration import split_frames
-    from motioncharacter.model.inference import generate
 
     req = {**REQ, "frames": 20, "steps": 2}
     pipe = _pipe(split_guidance=True)
     names = sorted(pipe.unet.state_dict())
-    resnet, attn = pipe.unet.down_blocks[0].resnets[0], pipe.unet.down_blocks[1].attentions[0]
+    layers = [pipe.unet.down_blocks[0].resnets[0].norm1, pipe.unet.down_blocks[1].attentions[0].proj_in]
 
     def run():
-        rows = []
-        hooks = [m.register_forward_hook(lambda mod, a, out: rows.append(a[0].shape[0]))
-                 for m in (resnet.norm1, attn.proj_in)]
-        try:
-            return generate(pipe, image=face_image(), **req), rows
-        finally:
-            for h in hooks:
-                h.remove()
+        return _rows_seen(pipe, layers, req)
 
     whole, whole_rows = run()
     split_frames(pipe.unet, 6)
@@ -136,15 +133,8 @@ def test_split_frames_runs_spatial_layers_on_chunks_with_the_same_video():
 
 def test_split_frames_implies_split_guidance():
     """Each UNet call must hold one video when rows are chunked (the conditioning is per video)."""
-    from motioncharacter.model.inference import generate
-
     pipe = _pipe(split_frames=2)
-    batches = []
-    hook = pipe.unet.conv_in.register_forward_hook(lambda m, a, out: batches.append(out.shape[0]))
-    try:
-        frames = generate(pipe, image=face_image(), **REQ)
-    finally:
-        hook.remove()
+    frames, batches = _rows_seen(pipe, [pipe.unet.conv_in])
     assert batches == [REQ["frames"]] * (2 * REQ["steps"])
     assert np.abs(frames.astype(int) - _gen(split_guidance=True)).max() <= 1
 

@@ -51,7 +51,7 @@ def test_cli_lifecycle_s3_only(tmp_path):
     for shown in (secret, *(c["AWS_SECRET_ACCESS_KEY"] for c in workload.values())):
         assert shown not in r.stdout + r.stderr + logs + (d / "state.json").read_text() + (d / "stack.env").read_text()
     pid = Stack(d).status()[0].pid
-    assert stk._alive(pid)
+    assert stk.pid_alive(pid)
 
     r = _cli("up", "--only", "s3", "--state-dir", str(d), "--s3-port", str(stk.free_port()), env=env)
     assert r.returncode == 0 and "already running (`stack down` first" in r.stdout
@@ -73,7 +73,7 @@ def test_cli_lifecycle_s3_only(tmp_path):
         storage.write_bytes("s3://keep/x.bin", b"persist")
         r = _cli("down", "--state-dir", str(d), env=env)
         assert r.returncode == 0 and "s3      stopped" in r.stdout
-        assert not stk._alive(pid) and not stk._group(pid)
+        assert not stk.pid_alive(pid) and not stk._group(pid)
         assert not Stack(d).status()[0].running
         assert "not running" in _cli("down", "--state-dir", str(d), env=env).stdout  # idempotent too
         assert Stack(d).up(only="s3") == {"s3": "started"}
