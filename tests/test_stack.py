@@ -126,6 +126,21 @@ def test_busy_port_is_refused_with_its_name(tmp_path):
             Stack(tmp_path, s3_port=port).up(only="s3")
 
 
+def test_a_port_it_picked_that_is_taken_by_start_time_is_picked_again(tmp_path):
+    """Port 0 picks a free port when the Stack is made; if something binds it before the server starts
+    (the S3 server's own internal servers did, in the suite), up() picks another instead of failing."""
+    s = Stack(tmp_path, s3_port=0)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", s.s3_port))
+        busy.listen()
+        taken = s.s3_port
+        try:
+            assert s.up(only="s3") == {"s3": "started"}
+            assert s.s3_port != taken and s.status()[0].running
+        finally:
+            s.down()
+
+
 def test_mlflow_alone_needs_s3(tmp_path):
     with pytest.raises(StackError, match="S3 server, which is not running"):
         Stack(tmp_path, s3_port=0, mlflow_port=0).up(only="mlflow")
