@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import (MCConditioning, MCLayer, MotionCharacterAttnProcessor, install_processors,
                         spatial_cross_attention_layers)
-from .id_module import IDEncoder
+from .id_module import IDEncoder, ReferenceEncoder
 from .motion_module import IntensityEncoder
 
 
@@ -27,10 +27,16 @@ class MotionCharacterAdapter(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, layer_dims: dict[str, list[int]], text_dim: int = 768, clip_image_dim: int = 1024,
-                 face_dim: int = 512, num_id_tokens: int = 4, num_motion_tokens: int = 4, id_heads: int = 8):
-        """``layer_dims``: attn2 layer name -> [hidden_size, inner_dim] (see ``for_unet``)."""
+                 face_dim: int = 512, num_id_tokens: int = 4, num_motion_tokens: int = 4, id_heads: int = 8,
+                 ref_encoder_size: int = 0, ref_grid: int = 8):
+        """``layer_dims``: attn2 layer name -> [hidden_size, inner_dim] (see ``for_unet``).
+        ``ref_encoder_size`` > 0: a learnable ``ReferenceEncoder`` on the reference crop at that
+        size replaces the frozen CLIP image embedding (small models trained here) and adds its
+        ``ref_grid``^2 patch tokens to C_id."""
         super().__init__()
         self.id_encoder = IDEncoder(clip_image_dim, face_dim, text_dim, num_id_tokens, heads=id_heads)
+        self.ref_encoder = ReferenceEncoder(text_dim, clip_image_dim, ref_encoder_size, ref_grid) \
+            if ref_encoder_size else None
         self.intensity_encoder = IntensityEncoder(text_dim, num_motion_tokens)
         self.mc_layers = nn.ModuleDict({_key(n): MCLayer(h, inner, text_dim) for n, (h, inner) in layer_dims.items()})
 
@@ -52,11 +58,23 @@ class MotionCharacterAdapter(ModelMixin, ConfigMixin):
 
     def conditioning(self, *, clip_embeds=None, face_embeds=None, action_embeds=None, intensity=None,
                      id_scale: float = 1.0, motion_scale: float = 1.0, id_keep=None, action_keep=None,
-                     motion_keep=None) -> MCConditioning:
+                     motion_keep=None, ref_pixels=None, clip_keep=None) -> MCConditioning:
         """Build the per-sample tokens: C_id from (clip, face) embeddings, E_A = action
         embeddings as given (CLIP text encoder output; ``None`` = no action phrase), E_M from
-        intensities (B,). ``*_keep`` (B,) switch a branch off per sample (condition dropout)."""
+        intensities (B,). ``*_keep`` (B,) switch a branch off per sample (condition dropout).
+        With a ``ref_encoder``, ``ref_pixels`` (B, 3, S, S) in [-1, 1] (``id_module.reference_pixels``)
+        give E_clip (times ``clip_keep``, CLIP-embedding dropout) and the patch tokens."""
+        patches = None
+        if self.ref_encoder is not None:
+            if ref_pixels is None:
+                raise ValueError("this adapter encodes the reference itself (ref_encoder_size="
+                                 f"{self.config.ref_encoder_size}): pass ref_pixels")
+            patches, clip_embeds = self.ref_encoder(ref_pixels.to(self.device, self.dtype))
+            if clip_keep is not None:
+                clip_embeds = clip_embeds * clip_keep.to(clip_embeds)[:, None]
         id_tokens = self.id_encoder(clip_embeds, face_embeds) if clip_embeds is not None else None
+        if patches is not None:
+            id_tokens = torch.cat([id_tokens, patches], 1)
         motion_tokens = None
         if intensity is not None:
             intensity = torch.as_tensor(intensity, dtype=self.dtype, device=self.device).reshape(-1)

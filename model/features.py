@@ -288,7 +288,8 @@ def _conditioning(pipe, opts, refs, cloth_rgb, ratio, action, intensity, id_scal
             clip2, face2 = pipe.encode_reference(refs[1])
             clip, face = mix(clip, clip2, ratio), mix(face, face2, ratio, unit=True)
         c = pipe.adapter.conditioning(clip_embeds=clip, face_embeds=face, action_embeds=pipe.encode_action(action),
-                                      intensity=[float(intensity)], id_scale=id_scale, motion_scale=motion_scale)
+                                      intensity=[float(intensity)], id_scale=id_scale, motion_scale=motion_scale,
+                                      ref_pixels=pipe.reference_pixels(refs[0]))
         return c, c.unconditional(), pipe.adapter
 
     dm = opts.mode == "dreamoving"

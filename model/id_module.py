@@ -6,6 +6,7 @@ embedding (ArcFace from a user pack, or the offline SFace) is the query.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,3 +59,40 @@ def prepare_reference(rgb: np.ndarray, embedder, source: str = "reference image"
     face = faces.detector().one(rgb, source, face_index)
     return Reference(crop=faces.crop(rgb, face, size=224), face_embedding=embedder.embed(rgb, face),
                      embedder=embedder.name, box=face.box.copy())
+
+
+class ReferenceEncoder(nn.Module):
+    """A small image encoder that trains with the adapter (the ``mini`` preset's; real weights use
+    the frozen CLIP image encoder): the reference crop (B, 3, S, S) in [-1, 1] -> ``grid`` x
+    ``grid`` patch tokens (B, grid^2, text_dim), which join C_id so the ID cross-attention can
+    read where the face has which appearance, and a pooled feature (B, clip_image_dim) that
+    stands for E_clip in eq. 2."""
+
+    def __init__(self, text_dim: int, clip_image_dim: int, size: int = 64, grid: int = 8, width: int = 64):
+        super().__init__()
+        self.size, self.grid = size, grid
+        layers, ch = [], 3
+        for out in (32, 64, width)[: max(1, round(math.log2(size // grid)))]:
+            layers += [nn.Conv2d(ch, out, 3, 2, 1), nn.GroupNorm(8, out), nn.SiLU()]
+            ch = out
+        layers += [nn.Conv2d(ch, width, 3, 1, 1), nn.AdaptiveAvgPool2d(grid)]
+        self.net = nn.Sequential(*layers)
+        self.pos = nn.Parameter(torch.randn(1, grid * grid, width) * 0.02)
+        self.tokens = nn.Sequential(nn.Linear(width, text_dim), nn.LayerNorm(text_dim))
+        self.pooled = nn.Linear(width, clip_image_dim)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if pixels.shape[-2:] != (self.size, self.size):
+            pixels = nn.functional.interpolate(pixels, size=(self.size, self.size), mode="bilinear",
+                                               align_corners=False, antialias=True)
+        f = self.net(pixels).flatten(2).transpose(1, 2) + self.pos  # (B, grid^2, width)
+        return self.tokens(f), self.pooled(f.mean(1))
+
+
+def reference_pixels(crops, device=None, dtype=None) -> torch.Tensor:
+    """Reference crops (B, S, S, 3) or (S, S, 3) uint8 RGB (numpy or torch) -> (B, 3, S, S) in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(crops) if not isinstance(crops, torch.Tensor) else crops)
+    if x.ndim == 3:
+        x = x[None]
+    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x.to(device=device, dtype=dtype or torch.float32)

@@ -68,7 +68,8 @@ def load_pipeline(weights: str | None = None, preset: str | None = None, device:
         if parts["adapter"] is None:
             logger.warning("%s has no adapter/; using an untrained adapter (output = base AnimateDiff)", weights)
             parts["adapter"] = MotionCharacterAdapter.for_unet(
-                parts["unet"], clip_image_dim=parts["image_encoder"].config.projection_dim, face_dim=face_dim)
+                parts["unet"], clip_image_dim=parts["image_encoder"].config.projection_dim, face_dim=face_dim,
+                **((parts.get("info") or {}).get("adapter") or {}))
     pipe = MotionCharacterPipeline(**{k: v for k, v in parts.items() if k != "info"})
     pipe.face_embedder = face
     pipe.defaults = native_defaults(pipe.unet.config.sample_size, pipe.vae_scale_factor, parts.get("info"))

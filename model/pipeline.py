@@ -109,6 +109,14 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
         face = torch.from_numpy(ref.face_embedding).to(self.device, clip.dtype)[None]
         return clip, face
 
+    def reference_pixels(self, ref: Reference) -> torch.Tensor | None:
+        """The reference crop for an adapter that encodes it itself (``ref_encoder``), else None."""
+        if getattr(self.adapter, "ref_encoder", None) is None:
+            return None
+        from .id_module import reference_pixels
+
+        return reference_pixels(ref.crop, self.device)
+
     @torch.no_grad()
     def encode_action(self, action: str) -> torch.Tensor | None:
         """E_A: the frozen CLIP text encoder's hidden states for the action phrase (1, 77, D);
@@ -163,7 +171,8 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
         text, neg = self.encode_prompt(prompt, device, 1, cfg, negative_prompt)
         clip, face = self.encode_reference(ref)
         cond = self.adapter.conditioning(clip_embeds=clip, face_embeds=face, action_embeds=self.encode_action(action),
-                                         intensity=[float(intensity)], id_scale=id_scale, motion_scale=motion_scale)
+                                         intensity=[float(intensity)], id_scale=id_scale, motion_scale=motion_scale,
+                                         ref_pixels=self.reference_pixels(ref))
         if cfg:
             text = torch.cat([neg, text])
             cond = MCConditioning.cat(cond.unconditional(), cond)

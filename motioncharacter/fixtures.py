@@ -136,100 +136,212 @@ def write_fixtures(out_dir: str | Path, velocities: tuple[float, ...] = (0, 4, 8
     return out
 
 
-# ---- the learning set: many identities, speeds, directions and backgrounds ------------------------
+# ---- the learning set: real people, programmed and real motion, captions blind to intensity ---------
 #
 # For `demo --learn` (the mini model). Each clip is 16 source frames at 8 fps (8 frames at 4 fps,
-# data preparation's sampling), the face crossing the frame centre on a straight line at ``v`` px
-# per 4-fps step of a 512-px frame, in one of 8 directions, over a smooth random background.
-# Identities are split: training clips use TRAIN_IDENTITIES, the held-out portraits (never seen in
-# training) use HELDOUT_IDENTITIES.
+# data preparation's sampling). With ../shared/data/people (see people.py) whole people are held
+# out: their first photo is the evaluation reference. Training clips are
+#   * programmed motion of every photo of every training person: a camera window around the face
+#     panning at ``v`` px per 4-fps step of a 512-px frame (v spread over 0..20), in one of 8
+#     directions, with a small rotation and zoom drift;
+#   * the real talking-head videos, face-centred, with the intensity data preparation measures.
+# Every clip carries a sidecar ``<clip>.json`` (caption, action, person) that data preparation
+# reads (caption.captioner=sidecar): caption and action are drawn independently of the speed, so
+# nothing but the intensity label tells the model how much to move. Without ../shared the
+# package-shipped faces stand in, and the loop says so.
 
 LEARN_FRAMES = 16
+FACE_MARGIN = 0.6      # crop side = face box x (1 + 2 margin): the face is ~45 % of the frame
 TRAIN_IDENTITIES = ("grace_hopper", "astronaut", "tom_hanks", "group_0", "group_1")
 HELDOUT_IDENTITIES = ("group_2", "group_3", "group_4", "group_5")
+SHOTS = ("A close-up video of a person", "A medium shot video of a person")
+LIGHTS = ("evenly lit", "brightly lit", "dimly lit")
+ACTIONS = ("moving head", "talking", "turning head", "nodding")
+EVAL_ACTION = "moving head"
+
+
+def learn_caption(rng: np.random.Generator) -> tuple[str, str]:
+    """(caption, action), drawn without looking at the clip's motion."""
+    action = ACTIONS[int(rng.integers(len(ACTIONS)))]
+    return f"{SHOTS[int(rng.integers(len(SHOTS)))]} {action}, {LIGHTS[int(rng.integers(len(LIGHTS)))]}.", action
+
+
+def learn_prompts(action: str = EVAL_ACTION) -> list[str]:
+    """The evaluation prompts: the training captions' own templates, with ``action``."""
+    return [f"{s} {action}, {light}." for s in SHOTS for light in LIGHTS]
 
 
 def identity_face(name: str, face_px: int = 320) -> np.ndarray:
     """A square face patch (RGB uint8) of a named package-shipped identity: ``grace_hopper``,
-    ``astronaut``, ``tom_hanks`` (insightface's sample) or ``group_<k>``, the k-th largest face
-    of insightface's group photo t1.jpg."""
+    ``astronaut``, ``tom_hanks`` (insightface's sample) or ``group_<k>``, the k-th face from the
+    left of insightface's group photo t1.jpg."""
     from .faces import crop, detector
+
+    img, face = _package_identity(name)
+    return crop(img, face, margin=FACE_MARGIN, size=face_px)
+
+
+def _package_identity(name: str):
+    from .faces import detector
 
     if name in ("grace_hopper", "astronaut"):
         img = package_face(name)
-        face = detector().one(img, name)
-    else:
-        import insightface
-        from PIL import Image
+        return img, detector().one(img, name)
+    import insightface
+    from PIL import Image
 
-        base = Path(insightface.__file__).parent / "data" / "images"
-        if name == "tom_hanks":
-            with Image.open(base / "Tom_Hanks_54745.png") as im:  # an aligned 112-px crop: pad it
-                img = cv2.copyMakeBorder(np.asarray(im.convert("RGB")), 40, 40, 40, 40, cv2.BORDER_REFLECT)
-            face = detector().one(img, name)
-        elif name.startswith("group_"):
-            with Image.open(base / "t1.jpg") as im:
-                img = np.asarray(im.convert("RGB"))
-            faces = sorted(detector().detect(img), key=lambda f: f.box[0])  # left to right
-            face = faces[int(name.split("_")[1])]
-        else:
-            raise ValueError(f"unknown identity {name!r}")
-    return crop(img, face, margin=0.3, size=face_px)
+    base = Path(insightface.__file__).parent / "data" / "images"
+    if name == "tom_hanks":
+        with Image.open(base / "Tom_Hanks_54745.png") as im:  # an aligned 112-px crop: pad it
+            img = cv2.copyMakeBorder(np.asarray(im.convert("RGB")), 60, 60, 60, 60, cv2.BORDER_REPLICATE)
+        return img, detector().one(img, name)
+    if name.startswith("group_"):
+        with Image.open(base / "t1.jpg") as im:
+            img = np.asarray(im.convert("RGB"))
+        faces = sorted(detector().detect(img), key=lambda f: f.box[0])  # left to right
+        return img, faces[int(name.split("_")[1])]
+    raise ValueError(f"unknown identity {name!r}")
 
 
-def smooth_background(seed: int) -> np.ndarray:
-    """A smooth random colour field (textured enough for optical flow to read zero motion)."""
-    rng = np.random.default_rng(seed)
-    base = rng.uniform(70, 190, 3).astype(np.float32)  # one muted colour, gently varying
-    cells = rng.uniform(-20, 20, (3, 3, 3)).astype(np.float32)
-    bg = cv2.resize(cells, (SIZE, SIZE), interpolation=cv2.INTER_CUBIC)
-    return np.clip(base + bg, 0, 255).astype(np.uint8)
-
-
-def linear_clip(v: float, face: np.ndarray, angle: float, background: np.ndarray,
-                n: int = LEARN_FRAMES, offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-    """(n, 512, 512, 3): the face patch moving ``v`` px per 4-fps step (v/2 per 8-fps source
-    frame) along ``angle`` (radians), passing the centre (+ offset) at the middle frame."""
-    h = face.shape[0]
-    alpha = _soft_ellipse(h)
-    d = np.array([math.cos(angle), math.sin(angle)]) * v * SAMPLE_FPS / SRC_FPS
+def camera_clip(img: np.ndarray, face, v: float, angle: float, rng: np.random.Generator,
+                n: int = LEARN_FRAMES, size: int = SIZE) -> np.ndarray:
+    """(n, size, size, 3): a square window around ``face`` (side = face box x (1 + 2 FACE_MARGIN))
+    panning so the picture moves ``v`` px per 4-fps step of a ``size``-px frame along ``angle``,
+    with a small random rotation and zoom drift; the window's middle frame is centred on the face.
+    Borders replicate (a reflected border could show a second face)."""
+    x, y, w, h = face.box
+    side = max(w, h) * (1 + 2 * FACE_MARGIN)
+    cx, cy = x + w / 2, y + h / 2
+    step = np.array([math.cos(angle), math.sin(angle)]) * v * SAMPLE_FPS / SRC_FPS * side / size
+    rot = rng.uniform(-0.4, 0.4) * min(1.0, v / 10 + 0.2)    # degrees per source frame
+    zoom = rng.uniform(-0.006, 0.006) * min(1.0, v / 10 + 0.2)
     frames = []
     for k in range(n):
-        cx, cy = np.array([SIZE / 2 + offset[0], SIZE / 2 + offset[1]]) + d * (k - (n - 1) / 2)
-        m = np.float32([[1, 0, cx - h / 2], [0, 1, cy - h / 2]])
-        warped = cv2.warpAffine(face, m, (SIZE, SIZE), flags=cv2.INTER_LINEAR).astype(np.float32)
-        wa = cv2.warpAffine(alpha, m, (SIZE, SIZE), flags=cv2.INTER_LINEAR)[..., None]
-        frames.append(np.clip(background * (1 - wa) + warped * wa, 0, 255).astype(np.uint8))
+        t = k - (n - 1) / 2
+        px, py = np.array([cx, cy]) + step * t
+        s = size / side * (1 + zoom * t)
+        m = cv2.getRotationMatrix2D((float(px), float(py)), rot * t, s)
+        m[:, 2] += np.array([size / 2 - px, size / 2 - py])
+        frames.append(cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR,
+                                     borderMode=cv2.BORDER_REPLICATE))
     return np.stack(frames)
 
 
-def write_learn_fixtures(out_dir: str | Path, clips_per_identity: int = 12, seed: int = 0) -> dict[str, Path]:
-    """Training clips (``clips/``: speeds spread evenly over 0..20 for every training identity,
-    random direction, background and offset) and held-out portraits (``heldout/``, one per
-    held-out identity). Idempotent. Returns {"clips": dir, "heldout": dir}."""
+def face_centred_video(path: Path, n: int = LEARN_FRAMES, size: int = SIZE) -> np.ndarray | None:
+    """``n`` frames at SRC_FPS from the middle of a real video, cropped around its face like the
+    programmed clips (the face found on the first of them; None when there is none)."""
+    from .faces import detector
+    from .video import open_media
+
+    media = open_media(path)
+    idx = media.timeline.sample(SRC_FPS, 10_000)
+    if len(idx) < n:
+        return None
+    mid = (len(idx) - n) // 2
+    frames = media.read(idx[mid:mid + n])
+    found = detector().detect(frames[0])
+    if not found:
+        return None
+    face = max(found, key=lambda f: f.area)
+    x, y, w, h = face.box
+    side = max(w, h) * (1 + 2 * FACE_MARGIN)
+    m = np.float32([[size / side, 0, size / 2 - (x + w / 2) * size / side],
+                    [0, size / side, size / 2 - (y + h / 2) * size / side]])
+    return np.stack([cv2.warpAffine(f, m, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
+                     for f in frames])
+
+
+def _put(path: Path, data: bytes) -> None:
+    tmp = path.with_name("." + path.name + ".partial")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _sidecar(path: Path, rng: np.random.Generator, person: str, source: str) -> None:
+    import json
+
+    caption, action = learn_caption(rng)
+    _put(path.with_suffix(".json"), json.dumps({"caption": caption, "action": action, "person": person,
+                                                "source": source}).encode())
+
+
+def _reference_still(img: np.ndarray, face, size: int = SIZE) -> np.ndarray:
+    return camera_clip(img, face, 0.0, 0.0, np.random.default_rng(0), n=1, size=size)[0]
+
+
+def write_learn_fixtures(out_dir: str | Path, clips_per_identity: int = 12, seed: int = 0, people: bool = True,
+                         heldout: int = 12, clips_per_photo: int = 1, max_train_people: int = 0) -> dict:
+    """Training clips (``clips/``, each with its sidecar) and held-out references (``heldout/``,
+    one photo per held-out person). Idempotent. Returns {"clips", "heldout", "source",
+    "train_people", "heldout_people"}: ``source`` is "people" (../shared/data/people, split by
+    person) or "package" (the package-shipped faces: 5 identities x ``clips_per_identity``)."""
+    from .faces import detector
+    from .people import people_dir, split_people
+    from .video import load_image
+
     out = Path(out_dir)
     clips, held = out / "clips", out / "heldout"
     clips.mkdir(parents=True, exist_ok=True)
     held.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    speeds = np.linspace(0, 20, clips_per_identity)
-    for i, name in enumerate(TRAIN_IDENTITIES):
-        face = None
-        for j, v in enumerate(rng.permutation(speeds)):
+    root = people_dir() if people else None
+
+    def programmed(name: str, get, speeds) -> None:
+        img = face = None
+        for j, v in enumerate(speeds):
             angle = float(rng.integers(8)) * math.pi / 4
-            off = tuple(rng.uniform(-25, 25, 2))
-            bg_seed = int(rng.integers(1 << 30))
+            crng = np.random.default_rng(rng.integers(1 << 30))
             p = clips / f"{name}_{j:02d}_v{v:04.1f}.mp4"
-            if p.exists():
+            if not p.exists():
+                if img is None:
+                    img, face = get()
+                _put(p, encode_video(camera_clip(img, face, float(v), angle, crng), "mp4", SRC_FPS))
+            if not p.with_suffix(".json").exists():
+                _sidecar(p, crng, name.split("__")[0], "programmed")
+
+    if root is None:
+        for name in TRAIN_IDENTITIES:
+            programmed(name, lambda name=name: _package_identity(name),
+                       rng.permutation(np.linspace(0, 20, clips_per_identity)))
+        for name in HELDOUT_IDENTITIES:
+            p = held / f"{name}.png"
+            if not p.exists():
+                cv2.imwrite(str(p), cv2.cvtColor(_reference_still(*_package_identity(name)), cv2.COLOR_RGB2BGR))
+        return {"clips": clips, "heldout": held, "source": "package", "train_people": list(TRAIN_IDENTITIES),
+                "heldout_people": list(HELDOUT_IDENTITIES)}
+
+    split = split_people(root, heldout=heldout, seed=seed)
+    if max_train_people:  # a quick run (tests): the first N training people
+        split.train = split.train[:max_train_people]
+
+    def photo(path: Path):
+        img = load_image(path)
+        found = detector().detect(img)
+        if not found:
+            raise ValueError(f"no face in {path}")
+        return img, max(found, key=lambda f: f.area)
+
+    for person in split.train:
+        for k, ph in enumerate(person.photos):
+            speeds = rng.uniform(0, 20, clips_per_photo)
+            programmed(f"{person.name}__{k}", lambda ph=ph: photo(ph), speeds)
+        for k, vid in enumerate(person.videos):
+            p = clips / f"{person.name}__video{k}.mp4"
+            srng = np.random.default_rng(rng.integers(1 << 30))  # drawn first: a resumed run draws the same
+            if p.exists() or (clips / f".{p.name}.skip").exists():
                 continue
-            face = identity_face(name) if face is None else face
-            tmp = p.with_name("." + p.name + ".partial")
-            tmp.write_bytes(encode_video(linear_clip(float(v), face, angle, smooth_background(bg_seed), offset=off),
-                                         "mp4", SRC_FPS))
-            tmp.replace(p)
-    for k, name in enumerate(HELDOUT_IDENTITIES):
-        p = held / f"{name}.png"
+            try:
+                frames = face_centred_video(vid)
+            except Exception:  # an unreadable video is data preparation's to report; here it is skipped
+                frames = None
+            if frames is None:
+                (clips / f".{p.name}.skip").touch()
+                continue
+            _put(p, encode_video(frames, "mp4", SRC_FPS))
+            _sidecar(p, srng, person.name, "video")
+    for person in split.heldout:
+        p = held / f"{person.name}.png"
         if not p.exists():
-            still = linear_clip(0.0, identity_face(name), 0.0, smooth_background(10_000 + k), n=1)[0]
-            cv2.imwrite(str(p), cv2.cvtColor(still, cv2.COLOR_RGB2BGR))
-    return {"clips": clips, "heldout": held}
+            cv2.imwrite(str(p), cv2.cvtColor(_reference_still(*photo(person.photos[0])), cv2.COLOR_RGB2BGR))
+    return {"clips": clips, "heldout": held, "source": "people", "train_people": [p.name for p in split.train],
+            "heldout_people": [p.name for p in split.heldout]}

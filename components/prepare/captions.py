@@ -220,10 +220,10 @@ class VLMCaptioner:
 
 
 def make_captioner(kind: str = "offline", url: str = "", model: str = ""):
-    if kind == "offline":
+    if kind in ("offline", "sidecar"):  # sidecar: inputs without a <input>.json get the offline captions
         return OfflineCaptioner()
     if kind == "vlm":
         if not url or not model:
             raise ValueError("captioner 'vlm' needs caption.url and caption.model")
         return VLMCaptioner(url, model)
-    raise ValueError(f"unknown captioner {kind!r}: 'offline' or 'vlm'")
+    raise ValueError(f"unknown captioner {kind!r}: 'offline', 'vlm' or 'sidecar'")

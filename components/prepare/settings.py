@@ -45,7 +45,7 @@ class FlowSettings:
 
 @dataclass
 class CaptionSettings:
-    captioner: str = "offline"         # offline | vlm
+    captioner: str = "offline"         # offline | vlm | sidecar (<input>.json beside each input; else offline)
     url: str = ""                      # OpenAI-compatible endpoint, e.g. http://vlm:8000/v1
     model: str = ""
 
@@ -80,5 +80,5 @@ class PrepareConfig:
                              f"ocr_recheck_factor >= 1 (got {f.ocr_recheck_factor})")
         if self.flow.estimator not in ("dis", "raft"):
             raise ValueError(f"flow.estimator must be dis or raft, not {self.flow.estimator!r}")
-        if self.caption.captioner not in ("offline", "vlm"):
-            raise ValueError(f"caption.captioner must be offline or vlm, not {self.caption.captioner!r}")
+        if self.caption.captioner not in ("offline", "vlm", "sidecar"):
+            raise ValueError(f"caption.captioner must be offline, vlm or sidecar, not {self.caption.captioner!r}")

@@ -113,7 +113,7 @@ def _detected(faces: list) -> list[int]:
     return [i for i, f in enumerate(faces) if f is not None]
 
 
-def _analyse_video(path: Path, cfg: PrepareConfig, tools: Tools, info: dict):
+def _analyse_video(path: Path, cfg: PrepareConfig, tools: Tools, info: dict, sidecar: dict | None = None):
     s = cfg.sampling
     try:
         media = open_media(path)
@@ -138,7 +138,7 @@ def _analyse_video(path: Path, cfg: PrepareConfig, tools: Tools, info: dict):
     faces = _check_frames(frames, cfg, tools, info, reasons)
     m_raw, _, masks = measure(frames, tools.estimator, cfg.flow.short_side, cfg.flow.mask_normalize)
     seen = _detected(faces)
-    caption = tools.captioner(frames[seen], [faces[i] for i in seen])
+    caption = sidecar_caption(sidecar) if sidecar else tools.captioner(frames[seen], [faces[i] for i in seen])
     return frames, faces, m_raw, masks, caption, False
 
 
@@ -193,8 +193,31 @@ def _save_artifacts(stage_dir: Path, clip_id: str, frames, faces, masks, cfg: Pr
             "landmarks": landmarks}
 
 
-def process_input(local: Path, name: str, key: str, cfg: PrepareConfig, tools: Tools, stage_dir: Path) -> dict:
-    """Analyse one input and write its artifacts; never raises for a bad input."""
+def sidecar_caption(sidecar: dict) -> Caption:
+    return Caption(caption=str(sidecar.get("caption") or ""), action=str(sidecar.get("action") or ""),
+                   source="sidecar")
+
+
+def read_sidecar(uri: str) -> dict | None:
+    """``caption.captioner=sidecar``: the JSON beside an input (``clip.mp4`` -> ``clip.json``) with
+    its ``caption``, ``action`` and optionally ``person`` (kept in the record, so training can
+    find other photos of the same person); None when there is none."""
+    side = uri[: -len(Path(uri).suffix)] + ".json" if Path(uri).suffix else uri + ".json"
+    if side == uri or not storage.exists(side):
+        return None
+    try:
+        data = json.loads(storage.read_bytes(side))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"caption sidecar {side} is not JSON ({e.msg})") from None
+    if not isinstance(data, dict) or not str(data.get("caption") or "").strip():
+        raise ValueError(f"caption sidecar {side} must be a JSON object with a non-empty 'caption'")
+    return data
+
+
+def process_input(local: Path, name: str, key: str, cfg: PrepareConfig, tools: Tools, stage_dir: Path,
+                  sidecar: dict | None = None) -> dict:
+    """Analyse one input and write its artifacts; never raises for a bad input. ``sidecar``: its
+    caption, action and person (``caption.captioner=sidecar``)."""
     rec = {"clip": name, "key": key, "kept": False, "reasons": [], "motion_intensity": None,
            "caption": None, "action": None}
     info: dict = {}
@@ -202,7 +225,7 @@ def process_input(local: Path, name: str, key: str, cfg: PrepareConfig, tools: T
     t0 = time.perf_counter()
     try:
         if suffix in VIDEO_SUFFIXES or is_animated(local):  # an animated WebP / PNG is a clip, not a still
-            result = _analyse_video(local, cfg, tools, info)
+            result = _analyse_video(local, cfg, tools, info, sidecar)
         elif suffix in IMAGE_SUFFIXES:
             result = _analyse_image(local, cfg, tools, info)
         else:
@@ -213,6 +236,8 @@ def process_input(local: Path, name: str, key: str, cfg: PrepareConfig, tools: T
         rec.update(kept=True, motion_intensity=round(cap(m_raw), 4), motion_intensity_raw=round(m_raw, 4),
                    caption=caption.caption, action=caption.action, caption_source=caption.source,
                    still=still, num_frames=len(paths["frames"]), fps=cfg.sampling.fps, **paths)
+        if sidecar and sidecar.get("person"):
+            rec["person"] = str(sidecar["person"])
         if caption.signals:
             info["facial_signals"] = {k: round(v, 4) for k, v in caption.signals.items()}
     except Dropped as d:
@@ -265,7 +290,8 @@ def _contact_sheet(kept: list[dict], stage_dir: Path, path: Path, output_uri: st
 
 def list_inputs(input_uri: str) -> list[str]:
     """The stage's inputs, sorted (hidden files left out): the listing every shard splits alike."""
-    inputs = [u for u in storage.list_files(input_uri) if not Path(u).name.startswith(".")]
+    inputs = [u for u in storage.list_files(input_uri) if not Path(u).name.startswith(".")
+              and Path(u).suffix.lower() != ".json"]  # caption sidecars travel with their input
     if not inputs:
         raise ValueError(f"input {input_uri} holds no files")
     return inputs
@@ -368,12 +394,15 @@ def _process(inputs: list[str], output_uri: str, cfg: PrepareConfig, progress: b
 
     def one(uri: str, name: str) -> tuple[dict, bool]:
         """(record, resumed) of one input; a new final record is persisted, artifacts first."""
+        side = read_sidecar(uri) if cfg.caption.captioner == "sidecar" else None
         with storage.local_file(uri) as local:
             key = f"{content_hash(local)}-{shash}"
+            if side:  # a changed sidecar is a changed input
+                key += "-" + hashlib.sha256(json.dumps(side, sort_keys=True).encode()).hexdigest()[:8]
             if key in done:
                 return dict(done[key]), True
             tools or tools.append(Tools(cfg))
-            rec = process_input(local, name, key, cfg, tools[0], stage_dir)
+            rec = process_input(local, name, key, cfg, tools[0], stage_dir, side)
             rec_rel = f"records/{key}.json"
             if remote and rec["kept"]:  # artifacts first, record last: a crash in between only repeats work
                 for p in sorted(set(rec["frames"] + rec["faces"] + [rec["masks"]])):

