@@ -133,6 +133,7 @@ def run_learn(output: str | Path, work_uri: str | None = None, cfg: dict | None 
         report[name] = adherence(summary)
         report[name]["identity"] = identity_retrieval(out / "eval" / name, dirs["heldout"])
         report[name]["face_detected_rate"] = report[name]["identity"].pop("face_detected_rate")
+        report[name]["intensity_by_level"] = intensity_by_level(out / "eval" / name)
         _say(f"{name}: intensity Spearman {report[name]['intensity_spearman']}, identity top-1 "
              f"{report[name]['identity']['top1']} (chance {report[name]['identity']['chance']:.3f})")
         t = lap(f"evaluate_{name}", t)
@@ -292,6 +293,36 @@ def identity_retrieval(eval_dir: Path, heldout: Path) -> dict:
     out["face_detected_rate"] = {k: round(a / b, 4) for k, (a, b) in sorted(frames_with_face.items(),
                                                                             key=lambda kv: float(kv[0]))}
     return out
+
+
+def intensity_by_level(eval_dir: Path) -> dict:
+    """Mean measured intensity per requested level, by the evaluation's DIS flow and re-measured
+    with Farneback flow (another method, same eq. 5-7), with Farneback's Spearman."""
+    from scipy.stats import spearmanr
+
+    from motioncharacter.components.prepare.flow import FarnebackFlow, measure
+    from motioncharacter.video import open_video, read_frames
+
+    fb = FarnebackFlow()
+    per: dict[float, dict[str, list[float]]] = {}
+    req, far = [], []
+    for line in (eval_dir / "results.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "video" not in row:
+            continue
+        vr = open_video(eval_dir / row["video"])
+        m_fb = float(measure(read_frames(vr, list(range(len(vr)))), fb)[0])
+        d = per.setdefault(float(row["intensity"]), {"dis": [], "farneback": []})
+        dis = (row.get("metrics") or {}).get("intensity") or {}
+        if dis.get("value") is not None:
+            d["dis"].append(float(dis["value"]))
+        d["farneback"].append(m_fb)
+        req.append(float(row["intensity"]))
+        far.append(m_fb)
+    rho = spearmanr(req, far).statistic if len(set(req)) > 1 and len(set(far)) > 1 else None
+    return {"dis": {f"{k:g}": round(float(np.mean(v["dis"])), 2) for k, v in sorted(per.items()) if v["dis"]},
+            "farneback": {f"{k:g}": round(float(np.mean(v["farneback"])), 2) for k, v in sorted(per.items())},
+            "farneback_spearman": None if rho is None else round(float(rho), 4)}
 
 
 def vae_ceiling(base_uri: str, heldout: Path) -> dict:

@@ -32,9 +32,12 @@ def _records(out: Path) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("v", [4.0, 8.0, 16.0])
-def test_measured_intensity_tracks_programmed_motion(v):
+@pytest.mark.parametrize("estimator", ["dis", "farneback"])
+def test_measured_intensity_tracks_programmed_motion(v, estimator):
+    from motioncharacter.components.prepare.flow import make_estimator
+
     frames = motion_clip(v)[::2][:16]  # 8 fps fixture sampled at 4 fps
-    m, mags, masks = measure(frames, DISFlow())
+    m, mags, masks = measure(frames, make_estimator(estimator))
     assert TOLERANCE[0] * v <= m <= TOLERANCE[1] * v, f"measured {m:.2f} for analytic {v}"
     assert masks.shape == (16, 256, 256) and masks.min() >= 1.0 and masks.max() <= 1.5
     assert masks.max() > 1.0  # the moving face is up-weighted

@@ -94,6 +94,20 @@ class DISFlow:
         return np.stack([self._dis.calc(a, b, None) for a, b in zip(gray[:-1], gray[1:])])
 
 
+class FarnebackFlow:
+    """OpenCV's Farneback dense flow (polynomial expansion; no weights): a method independent of
+    DIS, for re-measuring intensities (``flow.estimator=farneback``)."""
+
+    name = "farneback"
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        import cv2
+
+        gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
+        return np.stack([cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+                         for a, b in zip(gray[:-1], gray[1:])])
+
+
 class RAFTFlow:
     """torchvision RAFT with user-supplied weights (a local or s3:// .pth/.safetensors state dict)."""
 
@@ -137,6 +151,8 @@ def make_estimator(name: str = "dis", raft_weights: str | None = None, allow_pic
         return RAFTFlow(raft_weights, allow_pickle=allow_pickle)
     if name == "raft":
         raise ValueError("flow estimator 'raft' needs weights: set flow.raft_weights to a local or s3:// file")
+    if name == "farneback":
+        return FarnebackFlow()
     return DISFlow()
 
 

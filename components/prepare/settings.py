@@ -37,7 +37,7 @@ class FilterSettings:
 
 @dataclass
 class FlowSettings:
-    estimator: str = "dis"             # dis (OpenCV, no weights) or raft (weights required)
+    estimator: str = "dis"             # dis or farneback (OpenCV, no weights) or raft (weights required)
     raft_weights: str = ""             # torchvision RAFT state dict (.safetensors), local or s3://
     short_side: int = 256              # resolution the flow is computed at
     mask_normalize: bool = True        # eq. 9 normalisation of f_fg to 0..255 per pair (see flow.py)
@@ -78,7 +78,7 @@ class PrepareConfig:
         if f.ocr_canvas < 32 or f.ocr_recheck_factor < 1:
             raise ValueError(f"filters: need ocr_canvas >= 32 px (got {f.ocr_canvas}) and "
                              f"ocr_recheck_factor >= 1 (got {f.ocr_recheck_factor})")
-        if self.flow.estimator not in ("dis", "raft"):
-            raise ValueError(f"flow.estimator must be dis or raft, not {self.flow.estimator!r}")
+        if self.flow.estimator not in ("dis", "farneback", "raft"):
+            raise ValueError(f"flow.estimator must be dis, farneback or raft, not {self.flow.estimator!r}")
         if self.caption.captioner not in ("offline", "vlm", "sidecar"):
             raise ValueError(f"caption.captioner must be offline, vlm or sidecar, not {self.caption.captioner!r}")
