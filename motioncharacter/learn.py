@@ -72,10 +72,15 @@ def run_learn(output: str | Path, work_uri: str | None = None, cfg: dict | None 
     cfg = cfg or load_learn_config()
     out = Path(output).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    # stages resume from what they find in the work area, so it is keyed by the settings: a re-run
-    # with the same settings continues, changed settings start afresh
-    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
-    work = storage.join(work_uri or str(out / "work"), key)
+    # stages resume from what they find in the work area, which is keyed by the settings of each
+    # stage and of those before it: a re-run continues, and changing (say) the adapter's steps
+    # keeps the prepared data and the trained base
+    def key(*sections: str) -> str:
+        return hashlib.sha256(json.dumps([cfg.get(k) for k in sections], sort_keys=True).encode()).hexdigest()[:10]
+
+    data_work = storage.join(work_uri or str(out / "work"), key("fixtures", "prepare"))
+    base_work = storage.join(data_work, "base-" + key("fixtures", "prepare", "base"))
+    work = storage.join(base_work, "adapter-" + key("fixtures", "prepare", "base", "train", "adapter_steps"))
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -99,10 +104,10 @@ def run_learn(output: str | Path, work_uri: str | None = None, cfg: dict | None 
          f"held-out references in {dirs['heldout']}")
     bank = out / "fixtures" / "prompts.yaml"  # evaluation prompts: the training captions' own templates
     bank.write_text(yaml.safe_dump({"version": "learn-2", "prompts": learn_prompts(EVAL_ACTION)}))
-    manifest = prepare_step(str(dirs["clips"]), storage.join(work, "prepared"), list(cfg.get("prepare") or []))
+    manifest = prepare_step(str(dirs["clips"]), storage.join(data_work, "prepared"), list(cfg.get("prepare") or []))
     t = lap("prepare", t)
 
-    base_uri = storage.join(work, "mini")
+    base_uri = storage.join(base_work, "mini")
     if storage.exists(storage.join(base_uri, "motioncharacter.json")):
         _say(f"mini base already trained at {base_uri}; reusing it")
         base_info = json.loads(storage.read_bytes(storage.join(base_uri, "motioncharacter.json")))["training"]

@@ -57,6 +57,8 @@ class BaseSettings:
     guidance: float = 4.0
     ref_encoder_size: int = 64  # the adapter trained on this base encodes the reference crop at this size
     mean_latents: bool = True   # train the UNet on the VAE posterior means (samples teach frame jitter)
+    latent_channels: int = 8
+    vae_face_weight: float = 0.0  # > 0: an SFace identity term on the VAE's reconstructions (see train_vae)
 
 
 MINI = {"text_dim": 32, "clip_image_dim": 32}
@@ -67,13 +69,14 @@ def mini_configs(s: BaseSettings) -> dict:
     return dict(
         # cross-attention at both latent resolutions (8x8 and 4x4 at 64 px): the ID tokens, the
         # reference's patch tokens among them, need the finer level to place a face's features
-        unet=dict(sample_size=lat, in_channels=8, out_channels=8, layers_per_block=1, block_out_channels=(32, 64),
+        unet=dict(sample_size=lat, in_channels=s.latent_channels, out_channels=s.latent_channels, layers_per_block=1,
+                  block_out_channels=(32, 64),
                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=MINI["text_dim"],
                   attention_head_dim=8, norm_num_groups=16),
         motion_adapter=dict(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
                             motion_norm_num_groups=16, motion_max_seq_length=32, use_motion_mid_block=False),
-        vae=dict(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(16, 32, 64, 64),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=s.latent_channels, block_out_channels=(16, 32, 64, 64),
                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                  layers_per_block=1, norm_num_groups=16, sample_size=s.resolution, mid_block_add_attention=False),
     )
@@ -99,22 +102,31 @@ def build_mini(s: BaseSettings) -> dict:
 
 # ---- data -----------------------------------------------------------------------------------------
 
-def load_clips(manifest_uri: str, s: BaseSettings) -> tuple[torch.Tensor, list[str]]:
+def load_clips(manifest_uri: str, s: BaseSettings, landmarks: bool = False):
     """Every kept clip's first ``num_frames`` frames at the training size, (N, F, 3, R, R) in [-1, 1],
-    and its caption. Stills (one repeated frame) are included, as in image-video joint training."""
+    and its caption. Stills (one repeated frame) are included, as in image-video joint training.
+    ``landmarks``: also the face's 5 points per frame in those pixels, (N, F, 5, 2), and their
+    validity (N, F) (0 where the face was not detected)."""
     from .data import ManifestDataset, read_manifest
     from .settings import DataSettings
 
     m = read_manifest(manifest_uri)
     reader = ManifestDataset(m, DataSettings(), s.resolution)
-    clips, captions = [], []
+    clips, captions, lms, valid = [], [], [], []
     for rec in m.records:
         paths = list(rec["frames"])[: s.num_frames]
+        sel = list(range(len(paths))) + [len(paths) - 1] * (s.num_frames - len(paths))
         paths += [paths[-1]] * (s.num_frames - len(paths))
         frames = np.stack([reader._frame(rec, p) for p in paths])
         clips.append(frames)
         captions.append(str(rec.get("caption") or ""))
+        if landmarks:
+            lm, ok = reader._landmarks(rec, sel)
+            lms.append(lm)
+            valid.append(ok)
     x = torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
+    if landmarks:
+        return x, captions, torch.from_numpy(np.stack(lms)), torch.from_numpy(np.stack(valid))
     return x, captions
 
 
@@ -132,10 +144,22 @@ def _lr_at(step: int, s: BaseSettings, base: float, total: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def train_vae(vae, clips: torch.Tensor, s: BaseSettings, on_step=None) -> list[float]:
+def train_vae(vae, clips: torch.Tensor, s: BaseSettings, on_step=None, landmarks=None, valid=None,
+              face_model=None) -> list[float]:
     """Autoencoder training: L1 + MSE reconstruction + a KL term (``kl_weight`` per latent element:
-    strong enough to keep the latent space smooth, which the diffusion model needs), random flips."""
+    strong enough to keep the latent space smooth, which the diffusion model needs), random flips.
+    With ``face_model`` (a differentiable face embedder, e.g. SFace) and the frames' ``landmarks``
+    (N, F, 5, 2) / ``valid`` (N, F): plus ``vae_face_weight`` x (1 - cosine) between the embeddings
+    of each reconstructed face and the original, both aligned by the landmarks, so that what makes
+    a face that person's survives the 8x down-sampling (pixel losses alone keep a generic face)."""
+    from motioncharacter.model.arcface import align_faces
+
+    from .data import FLIP_LANDMARKS
+
     frames = clips.flatten(0, 1)
+    use_face = face_model is not None and landmarks is not None and s.vae_face_weight > 0
+    if use_face:
+        lms, ok = landmarks.flatten(0, 1).float(), valid.flatten(0, 1) > 0
     g = torch.Generator().manual_seed(s.seed)
     opt = _adamw(vae.parameters(), s.vae_lr)
     vae.train()
@@ -143,13 +167,23 @@ def train_vae(vae, clips: torch.Tensor, s: BaseSettings, on_step=None) -> list[f
     for step in range(s.vae_steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, s, s.vae_lr, s.vae_steps)
-        x = frames[torch.randint(len(frames), (s.vae_batch,), generator=g)]
+        idx = torch.randint(len(frames), (s.vae_batch,), generator=g)
+        x = frames[idx]
         flip = torch.rand(len(x), generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
         kl = post.kl().mean() / post.mean[0].numel()
         loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + s.kl_weight * kl
+        if use_face and bool(ok[idx].any()):
+            lm = lms[idx]
+            mirrored = lm[:, FLIP_LANDMARKS] * torch.tensor([-1.0, 1.0]) + torch.tensor([x.shape[-1] - 1.0, 0.0])
+            lm = torch.where(flip[:, None, None], mirrored, lm)[ok[idx]]
+            size = face_model.input_size
+            with torch.no_grad():
+                target = face_model(align_faces(x[ok[idx]], lm, size=size))
+            got = face_model(align_faces(rec[ok[idx]], lm, size=size))
+            loss = loss + s.vae_face_weight * (1 - (got * target).sum(-1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -242,7 +276,7 @@ def train_base(manifest_uri: str, output: str, s: BaseSettings | None = None, *,
     s = s or BaseSettings()
     torch.manual_seed(s.seed)
     t0 = time.perf_counter()
-    clips, captions = load_clips(manifest_uri, s)
+    clips, captions, landmarks, valid = load_clips(manifest_uri, s, landmarks=True)
     parts = build_mini(s)
     bar = tqdm(total=s.vae_steps + s.unet_steps, desc="train-base", unit="step", disable=not progress)
 
@@ -250,7 +284,12 @@ def train_base(manifest_uri: str, output: str, s: BaseSettings | None = None, *,
         bar.update(1)
         bar.set_postfix(stage=stage, loss=f"{loss:.4f}")
 
-    vae_losses = train_vae(parts["vae"], clips, s, on_step)
+    face_model = None
+    if s.vae_face_weight > 0:
+        from motioncharacter.model.sface import SFace
+
+        face_model = SFace()
+    vae_losses = train_vae(parts["vae"], clips, s, on_step, landmarks, valid, face_model)
     vae_psnr = reconstruction_psnr(parts["vae"], clips)
     set_scaling_factor(parts["vae"], clips)
     lat_mean, lat_std = encode_latents(parts["vae"], clips)
