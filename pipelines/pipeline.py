@@ -43,13 +43,14 @@ def prepare(data_uri: str, work_uri: str, shards: int, overrides: list) -> str:
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train(manifest_uri: str, work_uri: str, preset: str, weights: str, steps: int, ablation: str,
           overrides: list, train_nodes: int, gpus_per_node: int, train_processes: int, keep_train_job: bool,
-          image: str) -> str:
+          image: str, train_engine: str) -> str:
     from motioncharacter.pipelines.steps import stage_uri, train_step
 
     manifest_uri = manifest_uri or stage_uri(work_uri, "prepared", "manifest.jsonl")
     return train_step(manifest_uri, stage_uri(work_uri, "train", ablation), preset, weights, steps, ablation,
                       overrides, train_nodes=train_nodes, gpus_per_node=gpus_per_node,
-                      train_processes=train_processes, keep_train_job=keep_train_job, image=image)
+                      train_processes=train_processes, keep_train_job=keep_train_job, image=image,
+                      train_engine=train_engine)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
@@ -130,14 +131,16 @@ def motioncharacter_pipeline(
     generation_options: dict = {},
     # data preparation fans out over this many slices of the input listing, one pod each, then merges
     prepare_shards: int = 1,
-    # > 1 node or GPU: each train step launches a Training Operator PyTorchJob of that size
-    # (pipelines/launch.py); train_processes > 1 runs that many processes in the step itself
+    # > 1 node or GPU: each train step launches a cluster job of that size (pipelines/launch.py):
+    # train_engine "trainjob" (Kubeflow Trainer v2, runtime torch-distributed) or "pytorchjob" (the
+    # Training Operator v1); train_processes > 1 runs that many processes in the step itself
     # (torchrun; what `pipeline run --local` can do); keep_train_job leaves the finished job
     train_nodes: int = 1,
     gpus_per_node: int = 1,
     train_processes: int = 1,
     keep_train_job: bool = False,
     train_image: str = GPU_IMAGE,
+    train_engine: str = "trainjob",
 ):
     plan = shard_plan(count=prepare_shards)
     plan.set_caching_options(True)
@@ -152,7 +155,7 @@ def motioncharacter_pipeline(
     prep.after(part)
     prep.set_caching_options(True)  # same inputs, same dataset: reuse it
     launch = {"train_nodes": train_nodes, "gpus_per_node": gpus_per_node, "train_processes": train_processes,
-              "keep_train_job": keep_train_job, "image": train_image}
+              "keep_train_job": keep_train_job, "image": train_image, "train_engine": train_engine}
     main = _cluster_settings(train(manifest_uri=prep.output, work_uri=work_uri, preset=preset, weights=weights,
                                    steps=train_steps, ablation="full", overrides=train_overrides, **launch),
                              gpu=True, retries=3)
