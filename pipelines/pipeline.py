@@ -75,10 +75,10 @@ def quality_gate(summary: str, thresholds: dict, champion_rule: str) -> bool:
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def deploy(weights_uri: str, model_repository: str) -> str:
+def deploy(weights_uri: str, model_repository: str, serving_target: str, canary_percent: int) -> str:
     from motioncharacter.pipelines.steps import deploy_step
 
-    return deploy_step(weights_uri, model_repository)
+    return deploy_step(weights_uri, model_repository, target=serving_target, canary_percent=canary_percent)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -141,6 +141,11 @@ def motioncharacter_pipeline(
     keep_train_job: bool = False,
     train_image: str = GPU_IMAGE,
     train_engine: str = "trainjob",
+    # "triton": a new version in model_repository, which the Triton Deployment polls; "kserve": the
+    # @challenger version's own repository and a KServe InferenceService (model_repository/kserve/
+    # inferenceservice.yaml) serving it as a canary with kserve_canary_percent of the traffic (0: all)
+    serving_target: str = "triton",
+    kserve_canary_percent: int = 10,
 ):
     plan = shard_plan(count=prepare_shards)
     plan.set_caching_options(True)
@@ -167,7 +172,8 @@ def motioncharacter_pipeline(
     ok = quality_gate(summary=ev.output, thresholds=thresholds, champion_rule=champion_rule)
     ok.set_caching_options(False)
     with dsl.If(ok.output == True, name="evaluation-gate"):  # noqa: E712 (a kfp condition)
-        dep = _cluster_settings(deploy(weights_uri=main.output, model_repository=model_repository))
+        dep = _cluster_settings(deploy(weights_uri=main.output, model_repository=model_repository,
+                                       serving_target=serving_target, canary_percent=kserve_canary_percent))
         dep.set_caching_options(False)
         smoke = _cluster_settings(smoke_test(model_repository=dep.output, triton_url=triton_url, work_uri=work_uri,
                                              options=generation_options))

@@ -199,10 +199,32 @@ def gate_aliases(summary: dict, passed: bool, thresholds: dict, champion_rule: s
     return registry.gate_passed(version["name"], int(version["version"]), rule)
 
 
-def deploy_step(weights_uri: str, model_repository: str, triton_url: str = "") -> str:
+def deploy_step(weights_uri: str, model_repository: str, triton_url: str = "", target: str = "triton",
+                canary_percent: int = 10) -> str:
     """Write the weights as the repository's next model version; with ``triton_url``, that server
     (explicit model control, admin key in MOTIONCHARACTER_TRITON_ADMIN_KEY) loads, warms up and
-    then serves it. The smoke step checks the version served."""
+    then serves it. The smoke step checks the version served.
+
+    ``target="kserve"``: the registry drives it. The version the gate just made @challenger gets its
+    own repository (MODEL_REPOSITORY/kserve/vN) and MODEL_REPOSITORY/kserve/inferenceservice.yaml
+    serves it as a canary with ``canary_percent`` of the traffic (0: all of it). The step writes the
+    manifest; applying it is left to an account allowed to change InferenceServices (the pipeline's
+    is not). Returns the repository the smoke step should check."""
+    if target == "kserve":
+        from motioncharacter import registry
+        from motioncharacter.serving import kserve
+
+        v = registry.registered_version_of(weights_uri)
+        if not v:
+            raise ValueError(f"serving_target=kserve serves registered versions (@challenger after the gate): "
+                             f"{weights_uri} holds no registered adapter")
+        ref = f"{registry.PREFIX}{v['name']}@challenger"
+        _cli(["deploy", "--target", "kserve", "--model", ref, "--model-repository", model_repository,
+              "--copy-weights", "--manifest", storage.join(model_repository, "kserve", "inferenceservice.yaml"),
+              *(["--canary-percent", str(canary_percent)] if canary_percent else [])])
+        return kserve.storage_uri(model_repository, registry.resolve(ref).version)
+    if target != "triton":
+        raise ValueError(f"serving_target={target!r}: must be triton (the Triton Deployment) or kserve")
     _cli(["deploy", "--weights", weights_uri, "--model-repository", model_repository, "--copy-weights",
           *(["--url", triton_url] if triton_url else [])])
     return model_repository

@@ -101,3 +101,21 @@ def test_kserve_deploy_errors_name_the_problem(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert main(["deploy", "--promote", "--model-repository", repo]) == 1
     assert "--promote moves a KServe canary: use it with --target kserve" in capsys.readouterr().err
+
+
+def test_pipeline_parameters_reach_the_deploy_step(tmp_path):
+    from motioncharacter.pipelines.run import compile_pipeline
+    from motioncharacter.pipelines.steps import deploy_step
+
+    spec = next(yaml.safe_load_all(open(compile_pipeline(str(tmp_path / "p.yaml")))))
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["serving_target"]["defaultValue"] == "triton" and params["kserve_canary_percent"]["defaultValue"] == 10
+    gate = spec["root"]["dag"]["tasks"]["condition-2"]
+    gate_dag = spec["components"][gate["componentRef"]["name"]]["dag"]["tasks"]
+    inputs = gate_dag["deploy"]["inputs"]["parameters"]
+    assert inputs["serving_target"]["componentInputParameter"].endswith("serving_target")
+    assert inputs["canary_percent"]["componentInputParameter"].endswith("kserve_canary_percent")
+    with pytest.raises(ValueError, match="serving_target=kserve serves registered versions .* no registered adapter"):
+        deploy_step(str(tmp_path / "weights"), str(tmp_path / "repo"), target="kserve")
+    with pytest.raises(ValueError, match="serving_target='kserv': must be triton"):
+        deploy_step(str(tmp_path / "weights"), str(tmp_path / "repo"), target="kserv")
