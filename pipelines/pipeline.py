@@ -142,7 +142,7 @@ def motioncharacter_pipeline(
     train_image: str = GPU_IMAGE,
     train_engine: str = "trainjob",
     # "triton": a new version in model_repository, which the Triton Deployment polls; "kserve": the
-    # @challenger version's own repository and a KServe InferenceService (model_repository/kserve/
+    # @challenger version's own repository and a KServe InferenceService (model_repository-kserve/
     # inferenceservice.yaml) serving it as a canary with kserve_canary_percent of the traffic (0: all)
     serving_target: str = "triton",
     kserve_canary_percent: int = 10,

@@ -206,7 +206,7 @@ def deploy_step(weights_uri: str, model_repository: str, triton_url: str = "", t
     then serves it. The smoke step checks the version served.
 
     ``target="kserve"``: the registry drives it. The version the gate just made @challenger gets its
-    own repository (MODEL_REPOSITORY/kserve/vN) and MODEL_REPOSITORY/kserve/inferenceservice.yaml
+    own repository (MODEL_REPOSITORY-kserve/vN) and MODEL_REPOSITORY-kserve/inferenceservice.yaml
     serves it as a canary with ``canary_percent`` of the traffic (0: all of it). The step writes the
     manifest; applying it is left to an account allowed to change InferenceServices (the pipeline's
     is not). Returns the repository the smoke step should check."""
@@ -220,7 +220,7 @@ def deploy_step(weights_uri: str, model_repository: str, triton_url: str = "", t
                              f"{weights_uri} holds no registered adapter")
         ref = f"{registry.PREFIX}{v['name']}@challenger"
         _cli(["deploy", "--target", "kserve", "--model", ref, "--model-repository", model_repository,
-              "--copy-weights", "--manifest", storage.join(model_repository, "kserve", "inferenceservice.yaml"),
+              "--copy-weights", "--manifest", storage.join(kserve.kserve_root(model_repository), "inferenceservice.yaml"),
               *(["--canary-percent", str(canary_percent)] if canary_percent else [])])
         return kserve.storage_uri(model_repository, registry.resolve(ref).version)
     if target != "triton":

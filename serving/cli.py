@@ -77,7 +77,7 @@ def add_commands(sub) -> None:
     k.add_argument("--target", choices=["triton", "kserve"], default="triton",
                    help="triton (default): a new version in the repository that Triton Deployments poll or "
                         "`--url` reloads; kserve: an immutable repository per registered version "
-                        "(MODEL_REPOSITORY/kserve/vN, N from --model, or --version with --weights/--preset) and a "
+                        "(MODEL_REPOSITORY-kserve/vN, N from --model, or --version with --weights/--preset) and a "
                         "KServe InferenceService serving it, written to --manifest")
     k.add_argument("--manifest", default="inferenceservice.yaml", metavar="FILE",
                    help="the InferenceService to write (and, for --promote/--rollback, to read; default %(default)s)")

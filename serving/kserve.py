@@ -3,7 +3,8 @@
 The predictor runs KServe's stock ``kserve-tritonserver`` ClusterServingRuntime on the project's
 Triton image (docker/Dockerfile.triton: the Python 3.11 backend stub the exported models need, which
 is why no ServingRuntime of our own is needed). Its ``storageUri`` is one immutable model repository
-per registered model version (``<model-repository>/kserve/v<N>``), so each KServe revision serves
+per registered model version (``<model-repository>-kserve/v<N>``: a sibling, so a Triton Deployment
+polling ``<model-repository>`` never sees these folders as models), so each KServe revision serves
 exactly one registry version and a previous revision stays what it was.
 
 Rollouts are KServe's canary: a new version comes up as the canary with ``canaryTrafficPercent`` of
@@ -36,11 +37,16 @@ ADMIN_KEY_ENV = {"name": ADMIN_KEY, "valueFrom": {"secretKeyRef": {"name": ADMIN
 
 def storage_uri(model_repository: str, version: int) -> str:
     """The repository KServe serves for registered version ``version``: one per version, never rewritten."""
-    return f"{model_repository.rstrip('/')}/kserve/v{int(version)}"
+    return f"{kserve_root(model_repository)}/v{int(version)}"
+
+
+def kserve_root(model_repository: str) -> str:
+    """Where the per-version repositories of ``model_repository`` go (beside it, not in it)."""
+    return f"{model_repository.rstrip('/')}-kserve"
 
 
 def inference_service(name: str, namespace: str, storage: str, *, image: str = TRITON_IMAGE,
-                      canary_percent: int | None = None, service_account: str = "triton",
+                      canary_percent: int | None = None, service_account: str = "triton-kserve",
                       gpus: int = 0, model: str = "") -> dict:
     """The InferenceService serving ``storage``; with ``canary_percent`` it is rolled out as a canary
     taking that share of the traffic (the previous revision keeps the rest)."""
@@ -50,7 +56,9 @@ def inference_service(name: str, namespace: str, storage: str, *, image: str = T
     requests = {"cpu": "4" if gpus else "1", "memory": "32Gi" if gpus else "4Gi",
                 **({"nvidia.com/gpu": gpus} if gpus else {})}
     predictor = {
-        "serviceAccountName": service_account,  # its own MinIO user, read-only on the model repositories
+        # the account KServe's storage initializer reads storageUri as: annotated with a read-only object-store
+        # user's Secret (KServe's S3 setup; k8s/README.md)
+        "serviceAccountName": service_account,
         **({"canaryTrafficPercent": canary_percent} if canary_percent is not None else {}),
         "model": {
             "modelFormat": {"name": "triton"},

@@ -84,8 +84,9 @@ def test_runs_as_the_non_root_user_the_manifests_expect(name):
     last_user = max(i for i, (instr, _) in enumerate(ins) if instr == "USER")
     assert not [a for instr, a in ins[last_user:] if instr == "RUN"], "nothing may run after the final USER"
     # the Kubernetes pods that use this image run as the same uid
-    k8s_files = {"Dockerfile": ["base/mlflow.yaml", "training/base/pytorchjob.yaml"],
-                 "Dockerfile.cuda": ["training/base/pytorchjob.yaml"], "Dockerfile.triton": ["base/triton.yaml"]}
+    k8s_files = {"Dockerfile": ["base/mlflow.yaml", "training/base/pytorchjob.yaml", "training/trainjob/base/trainjob.yaml"],
+                 "Dockerfile.cuda": ["training/base/pytorchjob.yaml", "training/trainjob/base/trainjob.yaml"],
+                 "Dockerfile.triton": ["base/triton.yaml"]}
     for f in k8s_files[name]:
         uids = {int(m) for m in re.findall(r"runAsUser: (\d+)", (ROOT / "k8s" / f).read_text())}
         assert uids == {int(uid)}, (f, uids)

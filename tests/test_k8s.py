@@ -270,7 +270,7 @@ def test_every_triton_container_in_every_overlay_is_locked_down_and_current():
     from motioncharacter.serving import kserve
 
     seen = []
-    docs = [kserve.inference_service("m", "motioncharacter", "s3://models/m/kserve/v1", gpus=1)]
+    docs = [kserve.inference_service("m", "motioncharacter", "s3://models/m-kserve/v1", gpus=1)]
     for overlay in kv.OVERLAYS:
         docs += rendered(overlay)
     for owner, c in triton_containers(docs):
@@ -662,6 +662,14 @@ def test_every_workload_policy_covers_what_its_manifest_names_and_no_more():
     assert allows(pol["pipeline"], "s3:PutObject", _obj(defaults["work_uri"]))
     assert allows(pol["pipeline"], "s3:PutObject", _obj(defaults["model_repository"]))
     assert allows(pol["pipeline"], "s3:PutObject", _obj("s3://models/triton"))
+    # KServe: the pipeline publishes each version's repository beside model_repository; Triton's user
+    # (which KServe's storage initializer reads as) only reads them
+    from motioncharacter.serving import kserve
+
+    served_by_kserve = kserve.storage_uri(defaults["model_repository"], 3)
+    assert allows(pol["pipeline"], "s3:PutObject", _obj(served_by_kserve))
+    assert allows(pol["triton"], "s3:GetObject", _obj(served_by_kserve))
+    assert not allows(pol["triton"], "s3:PutObject", _obj(served_by_kserve))
     for uri in ("s3://models/sd15-animatediff", "s3://checkpoints/run", "s3://clips/raw", "s3://mlflow/1"):
         assert not allows(pol["pipeline"], "s3:PutObject", _obj(uri)), uri
     assert not allows(pol["pipeline"], "s3:GetObject", _obj("s3://mlflow/1"))

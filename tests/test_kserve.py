@@ -23,14 +23,14 @@ TINY = ["--preset", "tiny", "--no-warmup"]
 
 @pytest.mark.parametrize("gpus, canary", [(0, None), (1, 10), (1, 0)])
 def test_inference_service_validates_against_kserves_crd(gpus, canary):
-    isvc = kserve.inference_service("motioncharacter", "motioncharacter", "s3://models/m/kserve/v3", gpus=gpus,
+    isvc = kserve.inference_service("motioncharacter", "motioncharacter", "s3://models/m-kserve/v3", gpus=gpus,
                                     canary_percent=canary, model="models:/motioncharacter@challenger")
     assert kv.check_custom(isvc) == []
     p = isvc["spec"]["predictor"]
     assert p.get("canaryTrafficPercent") == canary
     m = p["model"]
     assert m["modelFormat"] == {"name": "triton"} and m["runtime"] == "kserve-tritonserver"  # the stock runtime
-    assert m["storageUri"] == "s3://models/m/kserve/v3" and m["image"] == kserve.TRITON_IMAGE
+    assert m["storageUri"] == "s3://models/m-kserve/v3" and m["image"] == kserve.TRITON_IMAGE
     assert (m["resources"]["limits"].get("nvidia.com/gpu"), "tolerations" in p) == ((1, True) if gpus else (None, False))
     # the CRD is not a no-op here either
     bad = kserve.inference_service("m", "ns", "s3://x", canary_percent=10)
@@ -56,16 +56,16 @@ def test_canary_promote_rollback_sequence(tmp_path, capsys):
 
     assert main(["deploy", *TINY, "--version", "1", *common]) == 0
     v1 = _isvc(manifest)
-    assert v1["spec"]["predictor"]["model"]["storageUri"] == kserve.storage_uri(str(repo), 1) == f"{repo}/kserve/v1"
+    assert v1["spec"]["predictor"]["model"]["storageUri"] == kserve.storage_uri(str(repo), 1) == f"{repo}-kserve/v1"
     assert "canaryTrafficPercent" not in v1["spec"]["predictor"]
-    assert served_version(f"{repo}/kserve/v1") == 1  # a full Triton repository, one per version
+    assert served_version(f"{repo}-kserve/v1") == 1  # a full Triton repository, one per version
 
     assert main(["deploy", *TINY, "--version", "2", "--canary-percent", "10", *common]) == 0
     canary = _isvc(manifest)
-    assert canary["spec"]["predictor"]["model"]["storageUri"] == f"{repo}/kserve/v2"
+    assert canary["spec"]["predictor"]["model"]["storageUri"] == f"{repo}-kserve/v2"
     assert canary["spec"]["predictor"]["canaryTrafficPercent"] == 10
     assert "as a canary with 10% of the traffic" in capsys.readouterr().out
-    assert served_version(f"{repo}/kserve/v1") == 1  # the previous revision's repository is untouched
+    assert served_version(f"{repo}-kserve/v1") == 1  # the previous revision's repository is untouched
 
     assert main(["deploy", "--target", "kserve", "--promote", "--model-repository", str(repo),
                  "--manifest", str(manifest)]) == 0
@@ -80,10 +80,10 @@ def test_canary_promote_rollback_sequence(tmp_path, capsys):
     assert "all traffic back to the previous revision" in capsys.readouterr().out
 
     # deploying a version again reuses its repository (a revision may still serve it)
-    before = sorted(p.name for p in (repo / "kserve" / "v2").rglob("*"))
+    before = sorted(p.name for p in (tmp_path / "models-kserve" / "v2").rglob("*"))
     assert main(["deploy", *TINY, "--version", "2", "--canary-percent", "50", *common]) == 0
     assert "already holds version 2: reusing it" in capsys.readouterr().out
-    assert sorted(p.name for p in (repo / "kserve" / "v2").rglob("*")) == before
+    assert sorted(p.name for p in (tmp_path / "models-kserve" / "v2").rglob("*")) == before
 
 
 def test_kserve_deploy_errors_name_the_problem(tmp_path, capsys):
