@@ -111,7 +111,8 @@ def to_json_schema(s: dict) -> dict:
     if s.get("x-kubernetes-int-or-string"):
         out.pop("type", None)
         out.pop("anyOf", None)
-        out["anyOf"] = [{"type": "integer"}, {"type": "string", **({"pattern": s["pattern"]} if "pattern" in s else {})}]
+        string = {"type": "string", **({"pattern": s["pattern"]} if "pattern" in s else {})}
+        out["anyOf"] = [{"type": "integer"}, string]
         out.pop("pattern", None)
     if s.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]

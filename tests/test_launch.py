@@ -368,7 +368,8 @@ def test_a_retried_step_replaces_its_failed_job(engine):
 def test_a_failed_job_fails_the_step_with_its_reason(engine):
     job = _job(engine)
     fake = FakeCluster([RUNNING[engine], FAILED[engine]])
-    with pytest.raises(launch.JobFailed, match=r"failed: (FailedJobs|PyTorchJobFailed): (node|master)-0 exited with code 1") as err:
+    reason = r"failed: (FailedJobs|PyTorchJobFailed): (node|master)-0 exited with code 1"
+    with pytest.raises(launch.JobFailed, match=reason) as err:
         _run(job, fake)
     assert not fake.objects and "deleted" in err.value.log  # deleted unless asked to keep it
     fake = FakeCluster([FAILED[engine]])
