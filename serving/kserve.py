@@ -59,6 +59,8 @@ def inference_service(name: str, namespace: str, storage: str, *, image: str = T
         # the account KServe's storage initializer reads storageUri as: annotated with a read-only object-store
         # user's Secret (KServe's S3 setup; k8s/README.md)
         "serviceAccountName": service_account,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                            "seccompProfile": {"type": "RuntimeDefault"}},  # the image's triton-server user
         **({"canaryTrafficPercent": canary_percent} if canary_percent is not None else {}),
         "model": {
             "modelFormat": {"name": "triton"},

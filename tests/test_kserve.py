@@ -32,6 +32,8 @@ def test_inference_service_validates_against_kserves_crd(gpus, canary):
     assert m["modelFormat"] == {"name": "triton"} and m["runtime"] == "kserve-tritonserver"  # the stock runtime
     assert m["storageUri"] == "s3://models/m-kserve/v3" and m["image"] == kserve.TRITON_IMAGE
     assert (m["resources"]["limits"].get("nvidia.com/gpu"), "tolerations" in p) == ((1, True) if gpus else (None, False))
+    assert p["securityContext"]["runAsNonRoot"] and m["securityContext"]["readOnlyRootFilesystem"]
+    assert m["securityContext"]["capabilities"] == {"drop": ["ALL"]} and not m["securityContext"]["allowPrivilegeEscalation"]
     # the CRD is not a no-op here either
     bad = kserve.inference_service("m", "ns", "s3://x", canary_percent=10)
     bad["spec"]["predictor"]["canaryTrafficPercent"] = "10"
