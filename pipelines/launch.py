@@ -1,13 +1,15 @@
 """Where the pipeline's training runs: in the step's own process, as N processes under torchrun in
-the step (``train_processes``, the local branch: CPU and gloo here), or as a Kubeflow Training
-Operator ``PyTorchJob`` (kubeflow.org/v1) of ``train_nodes`` x ``gpus_per_node`` that the step
-creates through the Kubernetes API, follows (status and the master's log), waits for and, unless
-asked to keep it, deletes.
+the step (``train_processes``, the local branch: CPU and gloo here), or as a cluster job of
+``train_nodes`` x ``gpus_per_node`` that the step creates through the Kubernetes API, follows
+(conditions and node 0's log), waits for and, unless asked to keep it, deletes. The cluster job is
+a Kubeflow Trainer v2 ``TrainJob`` (trainer.kubeflow.org/v1alpha1) on the stock
+``torch-distributed`` runtime by default, or a Training Operator ``PyTorchJob`` (kubeflow.org/v1)
+for clusters still on Trainer v1 (``engine="pytorchjob"``).
 
-The job has the shape of ``k8s/training/base/pytorchjob.yaml`` (Master + Workers, container
-``pytorch``, ``torchrun --no-python motioncharacter train``, the same locked-down pod), with
-the pipeline's own object-store identity and endpoints, since it reads and writes the pipeline's
-``work_uri``. Its name derives from the output URI, so a retried step finds its job again instead
+Both have the shape of ``k8s/training`` (``torchrun --no-python motioncharacter train`` on every
+node, which reads the PET_* variables both operators set; the same locked-down pod), with the
+pipeline's own object-store identity and endpoints, since it reads and writes the pipeline's
+``work_uri``. The name derives from the output URI, so a retried step finds its job again instead
 of starting a second one.
 """
 from __future__ import annotations
@@ -21,10 +23,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-IN_STEP, LOCAL, CLUSTER = "in-step", "torchrun", "pytorchjob"
-GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+IN_STEP, LOCAL, CLUSTER = "in-step", "torchrun", "cluster-job"
 SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-# env of every rank, as in k8s/training/base/pytorchjob.yaml
+# env of every rank, as in k8s/training/base
 RANK_ENV = {"NCCL_DEBUG": "WARN", "NCCL_SOCKET_IFNAME": "eth0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "OMP_NUM_THREADS": "4", "HOME": "/tmp",
             "TORCH_EXTENSIONS_DIR": "/tmp/torch_extensions", "MOTIONCHARACTER_CACHE": "/tmp/motioncharacter-cache",
             "PYTHONUNBUFFERED": "1"}
@@ -41,7 +42,7 @@ def in_cluster() -> bool:
 
 def plan(train_nodes: int = 1, gpus_per_node: int = 1, train_processes: int = 1, cluster: bool | None = None) -> str:
     """Which branch trains: IN_STEP (one process), LOCAL (``train_processes`` under torchrun in the
-    step) or CLUSTER (a PyTorchJob of ``train_nodes`` x ``gpus_per_node``)."""
+    step) or CLUSTER (a TrainJob or PyTorchJob of ``train_nodes`` x ``gpus_per_node``)."""
     for name, v in (("train_nodes", train_nodes), ("gpus_per_node", gpus_per_node),
                     ("train_processes", train_processes)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -49,13 +50,12 @@ def plan(train_nodes: int = 1, gpus_per_node: int = 1, train_processes: int = 1,
     job = train_nodes > 1 or gpus_per_node > 1
     if job and train_processes > 1:
         raise ValueError(f"train_processes={train_processes} runs processes inside the step; with train_nodes="
-                         f"{train_nodes}, gpus_per_node={gpus_per_node} the PyTorchJob runs one process per GPU: "
+                         f"{train_nodes}, gpus_per_node={gpus_per_node} the cluster job runs one process per GPU: "
                          "set one or the other")
     if job:
         if not (in_cluster() if cluster is None else cluster):
-            raise ValueError(f"train_nodes={train_nodes}, gpus_per_node={gpus_per_node} launch a PyTorchJob, which "
-                             "needs a Kubernetes cluster with the Kubeflow Training Operator (this step is not "
-                             "running in one); on this machine use train_processes=N")
+            raise ValueError(f"train_nodes={train_nodes}, gpus_per_node={gpus_per_node} launch a cluster training job, which "
+                             "needs a Kubernetes cluster with Kubeflow Trainer (this step is not running in one); on this machine use train_processes=N")
         return CLUSTER
     return LOCAL if train_processes > 1 else IN_STEP
 
@@ -99,10 +99,58 @@ def run_torchrun(nproc: int, train_args: list[str], env: dict | None = None, out
                         + "\n".join(errors or ["(none printed)"]) + "\nlast lines:\n" + "\n".join(tail))
 
 
-# ---- the cluster branch: a PyTorchJob ------------------------------------------------------------
+# ---- the cluster branch: a TrainJob (Trainer v2) or a PyTorchJob (Training Operator v1) -------
+
+@dataclass(frozen=True)
+class Engine:
+    """One kind of cluster training job: its API, where its node 0 logs, what success is called."""
+    kind: str
+    group: str
+    version: str
+    plural: str
+    container: str  # the container the operator runs training in (it finds it by this name)
+    node0: str      # label selector of node 0's pod, formatted with the job's name
+    done: str       # the condition type that means success
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}"
+
+
+ENGINES = {
+    # Trainer v2: the TrainJob becomes a JobSet; the torch runtime's ReplicatedJob "node" is one indexed Job
+    # of numNodes pods, container "node"; node 0 is completion index 0 (it also hosts the rendezvous)
+    "trainjob": Engine("TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs", "node",
+                       "jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/replicatedjob-name=node,"
+                       "batch.kubernetes.io/job-completion-index=0", "Complete"),
+    "pytorchjob": Engine("PyTorchJob", "kubeflow.org", "v1", "pytorchjobs", "pytorch",
+                         "training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master",
+                         "Succeeded"),
+}
+DEFAULT_ENGINE = "trainjob"
+# Trainer's stock ClusterTrainingRuntime that runs `torchrun` on every node with PET_NNODES, PET_NODE_RANK,
+# PET_NPROC_PER_NODE, PET_MASTER_ADDR/PORT set (why not deepspeed-distributed: k8s/README.md)
+RUNTIME = "torch-distributed"
+PATCH_MANAGER = "motioncharacter.io/launcher"  # owner of the TrainJob's runtime patch (the pod settings)
+
+
+def engine(name: str) -> Engine:
+    if name not in ENGINES:
+        raise ValueError(f"train_engine={name!r}: must be one of {', '.join(ENGINES)} (trainjob: Kubeflow "
+                         "Trainer v2; pytorchjob: the Training Operator v1)")
+    return ENGINES[name]
+
+
+def engine_of(manifest: dict) -> Engine:
+    for e in ENGINES.values():
+        if (manifest.get("apiVersion"), manifest.get("kind")) == (e.api_version, e.kind):
+            return e
+    raise ValueError(f"{manifest.get('apiVersion')}/{manifest.get('kind')} is not a training job this launcher "
+                     f"knows ({', '.join(e.kind for e in ENGINES.values())})")
+
 
 def job_name(output_uri: str) -> str:
-    """Stable per output: a retried step reattaches to its job (DNS-1035, the operator's Services use it)."""
+    """Stable per output: a retried step reattaches to its job (DNS-1035, the operators' Services use it)."""
     return "mc-train-" + hashlib.sha256(output_uri.encode()).hexdigest()[:12]
 
 
@@ -114,17 +162,29 @@ class JobSpec:
     train_args: list[str]           # after ``motioncharacter``: ["train", "--data=...", ...]
     nodes: int = 1
     gpus_per_node: int = 1
+    engine: str = DEFAULT_ENGINE
+    runtime: str = RUNTIME          # the TrainJob's ClusterTrainingRuntime
     s3_secret: str = "s3-pipeline"
-    mlflow_secret: str = ""          # MLFLOW_TRACKING_USERNAME / _PASSWORD, when MLflow asks for them
-    mlflow_secret: str = "mlflow-client"  # MLflow's basic-auth user
+    mlflow_secret: str = "mlflow-client"  # MLFLOW_TRACKING_USERNAME / _PASSWORD (MLflow's basic-auth user); "" none
     endpoints: str = "motioncharacter-endpoints"
     backoff_limit: int = 3
     cpu_per_gpu: int = 4
     memory_per_gpu_gi: int = 48
 
 
-def _pod_template(spec: JobSpec) -> dict:
-    g = spec.gpus_per_node
+LABELS = {"app.kubernetes.io/name": "motioncharacter-train", "app.kubernetes.io/part-of": "motioncharacter"}
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                      "capabilities": {"drop": ["ALL"]}}
+GPU_NODES = {"nodeSelector": {"nvidia.com/gpu.present": "true"},
+             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+MOUNTS = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+VOLUMES = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},  # NCCL, loader workers
+           {"name": "tmp", "emptyDir": {"sizeLimit": "64Gi"}}]  # checkpoint staging, the download cache
+
+
+def _env(spec: JobSpec) -> list[dict]:
     env = [{"name": k, "value": v} for k, v in RANK_ENV.items()]
     env += [{"name": k, "valueFrom": {"configMapKeyRef": {"name": spec.endpoints, "key": k}}} for k in ENDPOINT_KEYS]
     env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": spec.s3_secret, "key": k}}}
@@ -132,38 +192,34 @@ def _pod_template(spec: JobSpec) -> dict:
     if spec.mlflow_secret:
         env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": spec.mlflow_secret, "key": k}}}
                 for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")]
-    env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": spec.mlflow_secret, "key": k}}}
-            for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")]
-    labels = {"app.kubernetes.io/name": "motioncharacter-train", "app.kubernetes.io/component": "training",
-              "app.kubernetes.io/part-of": "motioncharacter"}
+    return env
+
+
+def _resources(spec: JobSpec) -> dict:
+    g = spec.gpus_per_node
+    return {"requests": {"cpu": str(spec.cpu_per_gpu * g), "memory": f"{spec.memory_per_gpu_gi * g}Gi",
+                         "nvidia.com/gpu": g},
+            "limits": {"memory": f"{2 * spec.memory_per_gpu_gi * g}Gi", "nvidia.com/gpu": g}}
+
+
+def _command(spec: JobSpec) -> tuple[list[str], list[str]]:
+    # torchrun reads PET_NNODES, PET_NODE_RANK, ... set by either operator
+    return ["torchrun"], ["--no-python", "motioncharacter", *spec.train_args]
+
+
+def _pod_template(spec: JobSpec) -> dict:
+    command, args = _command(spec)
     return {
-        "metadata": {"labels": labels},
+        "metadata": {"labels": {**LABELS, "app.kubernetes.io/component": "training"}},
         "spec": {
             "automountServiceAccountToken": False,
             "terminationGracePeriodSeconds": 300,  # SIGTERM saves a checkpoint: time to upload it
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
-                                "seccompProfile": {"type": "RuntimeDefault"}},
-            "nodeSelector": {"nvidia.com/gpu.present": "true"},
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "securityContext": POD_SECURITY, **GPU_NODES,
             "containers": [{
-                "name": "pytorch",  # the operator finds the container by this name
-                "image": spec.image,
-                "command": ["torchrun"],  # reads PET_NNODES, PET_NODE_RANK, ... set by the operator
-                "args": ["--no-python", "motioncharacter", *spec.train_args],
-                "env": env,
-                "ports": [{"name": "pytorchjob-port", "containerPort": 23456}],
-                "resources": {
-                    "requests": {"cpu": str(spec.cpu_per_gpu * g), "memory": f"{spec.memory_per_gpu_gi * g}Gi",
-                                 "nvidia.com/gpu": g},
-                    "limits": {"memory": f"{2 * spec.memory_per_gpu_gi * g}Gi", "nvidia.com/gpu": g}},
-                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                    "capabilities": {"drop": ["ALL"]}},
-                "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}],
-            }],
-            "volumes": [
-                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},  # NCCL, loader workers
-                {"name": "tmp", "emptyDir": {"sizeLimit": "64Gi"}},  # checkpoint staging, the download cache
-            ],
+                "name": ENGINES["pytorchjob"].container, "image": spec.image, "command": command, "args": args,
+                "env": _env(spec), "ports": [{"name": "pytorchjob-port", "containerPort": 23456}],
+                "resources": _resources(spec), "securityContext": CONTAINER_SECURITY, "volumeMounts": MOUNTS}],
+            "volumes": VOLUMES,
         },
     }
 
@@ -174,11 +230,10 @@ def pytorchjob_manifest(spec: JobSpec) -> dict:
     replicas = {"Master": {"replicas": 1, **replica}}
     if spec.nodes > 1:
         replicas["Worker"] = {"replicas": spec.nodes - 1, **replica}
+    e = ENGINES["pytorchjob"]
     return {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "PyTorchJob",
-        "metadata": {"name": spec.name, "namespace": spec.namespace,
-                     "labels": {"app.kubernetes.io/name": "motioncharacter-train",
-                                "app.kubernetes.io/part-of": "motioncharacter"}},
+        "apiVersion": e.api_version, "kind": e.kind,
+        "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": dict(LABELS)},
         "spec": {"nprocPerNode": str(spec.gpus_per_node),
                  # pods stay until the job is deleted, so a failure's logs can still be read
                  "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": spec.backoff_limit},
@@ -186,18 +241,54 @@ def pytorchjob_manifest(spec: JobSpec) -> dict:
     }
 
 
+def trainjob_manifest(spec: JobSpec) -> dict:
+    """The TrainJob: ``nodes`` nodes of ``gpus_per_node`` processes (and GPUs) on the ``torch-distributed``
+    runtime, our image and command; the pod settings the runtime lacks go in as a runtime patch (the
+    fields Trainer lets a TrainJob patch: security contexts, GPU node placement, volumes and mounts)."""
+    e = ENGINES["trainjob"]
+    command, args = _command(spec)
+    pod = {"securityContext": POD_SECURITY, **GPU_NODES, "volumes": VOLUMES,
+           "containers": [{"name": e.container, "securityContext": CONTAINER_SECURITY, "volumeMounts": MOUNTS}]}
+    node = {"name": "node", "template": {"spec": {"template": {
+        "metadata": {"labels": {**LABELS, "app.kubernetes.io/component": "training"}}, "spec": pod}}}}
+    return {
+        "apiVersion": e.api_version, "kind": e.kind,
+        "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": dict(LABELS)},
+        "spec": {
+            "runtimeRef": {"apiGroup": e.group, "kind": "ClusterTrainingRuntime", "name": spec.runtime},
+            "trainer": {"image": spec.image, "command": command, "args": args, "env": _env(spec),
+                        "numNodes": spec.nodes, "numProcPerNode": spec.gpus_per_node,
+                        "resourcesPerNode": _resources(spec)},
+            "runtimePatches": [{"manager": PATCH_MANAGER,
+                                "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [node]}}}}],
+        },
+    }
+
+
+def job_manifest(spec: JobSpec) -> dict:
+    """The cluster job for ``spec.engine``."""
+    engine(spec.engine)  # a clear error for an unknown one
+    return {"trainjob": trainjob_manifest, "pytorchjob": pytorchjob_manifest}[spec.engine](spec)
+
+
 def job_state(job: dict) -> tuple[str, str]:
-    """(state, why) from the job's status conditions: the newest true one of Created, Running,
-    Restarting, Suspended, Succeeded, Failed; "Pending" before the operator reports any."""
-    conds = [c for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
-    for final in ("Failed", "Succeeded"):  # a final condition wins over a stale Running
-        for c in conds:
+    """(state, why) from a TrainJob's or PyTorchJob's status: "Succeeded" (a PyTorchJob's Succeeded,
+    a TrainJob's Complete) or "Failed" once either is true, else the newest true condition (Created,
+    Running, Restarting, Suspended), "Running" for a TrainJob whose jobs have active pods, and
+    "Pending" before the operator reports anything."""
+    status = job.get("status") or {}
+    conds = [c for c in status.get("conditions") or [] if c.get("status") == "True"]
+    why = lambda c: ": ".join(x for x in (c.get("reason"), c.get("message")) if x)  # noqa: E731
+    for final, state in (("Failed", "Failed"), ("Succeeded", "Succeeded"), ("Complete", "Succeeded")):
+        for c in conds:  # a final condition wins over a stale Running
             if c.get("type") == final:
-                return final, ": ".join(x for x in (c.get("reason"), c.get("message")) if x)
-    if not conds:
-        return "Pending", "no status from the training operator yet"
-    c = conds[-1]
-    return c.get("type", "Unknown"), ": ".join(x for x in (c.get("reason"), c.get("message")) if x)
+                return state, why(c)
+    if conds:
+        return conds[-1].get("type", "Unknown"), why(conds[-1])
+    active = sum(j.get("active") or 0 for j in status.get("jobsStatus") or [])
+    if active:
+        return "Running", f"{active} node(s) active"
+    return "Pending", "no status from the training operator yet"
 
 
 def current_namespace(default: str = "default") -> str:
@@ -218,15 +309,14 @@ def _apis():
     return client.CustomObjectsApi(), client.CoreV1Api()
 
 
-def _stream_master_log(core, namespace: str, name: str, out, stop: threading.Event) -> None:
-    """Follow the master pod's log into ``out`` once it runs (ended by the pod, or by ``stop``)."""
-    selector = f"training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master"
+def _stream_node0_log(core, namespace: str, name: str, e: Engine, out, stop: threading.Event) -> None:
+    """Follow node 0's (the master's) log into ``out`` once it runs (ended by the pod, or by ``stop``)."""
     try:
         while not stop.is_set():
-            pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+            pods = core.list_namespaced_pod(namespace, label_selector=e.node0.format(name=name)).items
             running = [p for p in pods if p.status.phase in ("Running", "Succeeded", "Failed")]
             if running:
-                resp = core.read_namespaced_pod_log(running[0].metadata.name, namespace, container="pytorch",
+                resp = core.read_namespaced_pod_log(running[0].metadata.name, namespace, container=e.container,
                                                     follow=True, _preload_content=False)
                 for chunk in resp.stream():
                     out.write(chunk.decode(errors="replace"))
@@ -234,40 +324,43 @@ def _stream_master_log(core, namespace: str, name: str, out, stop: threading.Eve
                         break
                 return
             stop.wait(5)
-    except Exception as e:  # noqa: BLE001 - the log is a convenience: the job's status decides the step
-        out.write(f"(no more log from the master of {name}: {type(e).__name__}: {e})\n")
+    except Exception as ex:  # noqa: BLE001 - the log is a convenience: the job's status decides the step
+        out.write(f"(no more log from node 0 of {name}: {type(ex).__name__}: {ex})\n")
 
 
 def launch_job(manifest: dict, keep: bool = False, poll_s: float = 10.0, timeout_s: float | None = None,
-               out=None) -> str:
-    """Create (or find again) the PyTorchJob, report each state change and the master's log, wait
-    for it to end; JobFailed with the job's reason. Deletes the job afterwards unless ``keep``."""
+               out=None, apis=None) -> str:
+    """Create (or find again) the TrainJob or PyTorchJob, report each state change and node 0's log,
+    wait for it to end; JobFailed with the job's reason. Deletes the job afterwards unless ``keep``.
+    ``apis``: (CustomObjectsApi, CoreV1Api); by default from the pod's service account or kubeconfig."""
     from kubernetes.client.exceptions import ApiException
 
     out = out or sys.stdout
-    custom, core = _apis()
+    e = engine_of(manifest)
+    custom, core = apis or _apis()
     ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
-    what = f"PyTorchJob {ns}/{name}"
+    what = f"{e.kind} {ns}/{name}"
+    api = (e.group, e.version, ns, e.plural)
     try:
-        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest)
+        custom.create_namespaced_custom_object(*api, manifest)
         out.write(f"created {what}\n")
-    except ApiException as e:
-        if e.status != 409:
+    except ApiException as ex:
+        if ex.status != 409:
             raise
-        state, _ = job_state(custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name))
+        state, _ = job_state(custom.get_namespaced_custom_object(*api, name))
         if state == "Failed":  # an earlier try's job: start over (training resumes from its checkpoint)
-            _delete(custom, ns, name, wait=True)
-            custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest)
+            _delete(custom, api, name, wait=True, poll_s=poll_s)
+            custom.create_namespaced_custom_object(*api, manifest)
             out.write(f"re-created {what} (the previous one had failed)\n")
         else:
             out.write(f"{what} exists ({state}): following it\n")
     stop = threading.Event()
-    logs = threading.Thread(target=_stream_master_log, args=(core, ns, name, out, stop), daemon=True)
+    logs = threading.Thread(target=_stream_node0_log, args=(core, ns, name, e, out, stop), daemon=True)
     logs.start()
     t0, last = time.monotonic(), None
     try:
         while True:
-            state, why = job_state(custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name))
+            state, why = job_state(custom.get_namespaced_custom_object(*api, name))
             if (state, why) != last:
                 out.write(f"{what}: {state}{' (' + why + ')' if why else ''} after {time.monotonic() - t0:.0f} s\n")
                 last = (state, why)
@@ -282,25 +375,25 @@ def launch_job(manifest: dict, keep: bool = False, poll_s: float = 10.0, timeout
         stop.set()
         logs.join(10)
         if keep:
-            out.write(f"kept {what} (delete it with: kubectl delete pytorchjob -n {ns} {name})\n")
+            out.write(f"kept {what} (delete it with: kubectl delete {e.plural}.{e.group} -n {ns} {name})\n")
         else:
-            _delete(custom, ns, name)
+            _delete(custom, api, name)
             out.write(f"deleted {what}\n")
 
 
-def _delete(custom, ns: str, name: str, wait: bool = False) -> None:
+def _delete(custom, api: tuple, name: str, wait: bool = False, poll_s: float = 2.0) -> None:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, propagation_policy="Foreground")
-    except ApiException as e:
-        if e.status != 404:
+        custom.delete_namespaced_custom_object(*api, name, propagation_policy="Foreground")
+    except ApiException as ex:
+        if ex.status != 404:
             raise
     while wait:
         try:
-            custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
-        except ApiException as e:
-            if e.status == 404:
+            custom.get_namespaced_custom_object(*api, name)
+        except ApiException as ex:
+            if ex.status == 404:
                 return
             raise
-        time.sleep(2)
+        time.sleep(poll_s)

@@ -43,13 +43,14 @@ def prepare(data_uri: str, work_uri: str, shards: int, overrides: list) -> str:
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train(manifest_uri: str, work_uri: str, preset: str, weights: str, steps: int, ablation: str,
           overrides: list, train_nodes: int, gpus_per_node: int, train_processes: int, keep_train_job: bool,
-          image: str) -> str:
+          image: str, train_engine: str) -> str:
     from motioncharacter.pipelines.steps import stage_uri, train_step
 
     manifest_uri = manifest_uri or stage_uri(work_uri, "prepared", "manifest.jsonl")
     return train_step(manifest_uri, stage_uri(work_uri, "train", ablation), preset, weights, steps, ablation,
                       overrides, train_nodes=train_nodes, gpus_per_node=gpus_per_node,
-                      train_processes=train_processes, keep_train_job=keep_train_job, image=image)
+                      train_processes=train_processes, keep_train_job=keep_train_job, image=image,
+                      train_engine=train_engine)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
@@ -74,10 +75,10 @@ def quality_gate(summary: str, thresholds: dict, champion_rule: str) -> bool:
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def deploy(weights_uri: str, model_repository: str) -> str:
+def deploy(weights_uri: str, model_repository: str, serving_target: str, canary_percent: int) -> str:
     from motioncharacter.pipelines.steps import deploy_step
 
-    return deploy_step(weights_uri, model_repository)
+    return deploy_step(weights_uri, model_repository, target=serving_target, canary_percent=canary_percent)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -130,14 +131,21 @@ def motioncharacter_pipeline(
     generation_options: dict = {},
     # data preparation fans out over this many slices of the input listing, one pod each, then merges
     prepare_shards: int = 1,
-    # > 1 node or GPU: each train step launches a Training Operator PyTorchJob of that size
-    # (pipelines/launch.py); train_processes > 1 runs that many processes in the step itself
+    # > 1 node or GPU: each train step launches a cluster job of that size (pipelines/launch.py):
+    # train_engine "trainjob" (Kubeflow Trainer v2, runtime torch-distributed) or "pytorchjob" (the
+    # Training Operator v1); train_processes > 1 runs that many processes in the step itself
     # (torchrun; what `pipeline run --local` can do); keep_train_job leaves the finished job
     train_nodes: int = 1,
     gpus_per_node: int = 1,
     train_processes: int = 1,
     keep_train_job: bool = False,
     train_image: str = GPU_IMAGE,
+    train_engine: str = "trainjob",
+    # "triton": a new version in model_repository, which the Triton Deployment polls; "kserve": the
+    # @challenger version's own repository and a KServe InferenceService (model_repository-kserve/
+    # inferenceservice.yaml) serving it as a canary with kserve_canary_percent of the traffic (0: all)
+    serving_target: str = "triton",
+    kserve_canary_percent: int = 10,
 ):
     plan = shard_plan(count=prepare_shards)
     plan.set_caching_options(True)
@@ -152,7 +160,7 @@ def motioncharacter_pipeline(
     prep.after(part)
     prep.set_caching_options(True)  # same inputs, same dataset: reuse it
     launch = {"train_nodes": train_nodes, "gpus_per_node": gpus_per_node, "train_processes": train_processes,
-              "keep_train_job": keep_train_job, "image": train_image}
+              "keep_train_job": keep_train_job, "image": train_image, "train_engine": train_engine}
     main = _cluster_settings(train(manifest_uri=prep.output, work_uri=work_uri, preset=preset, weights=weights,
                                    steps=train_steps, ablation="full", overrides=train_overrides, **launch),
                              gpu=True, retries=3)
@@ -164,7 +172,8 @@ def motioncharacter_pipeline(
     ok = quality_gate(summary=ev.output, thresholds=thresholds, champion_rule=champion_rule)
     ok.set_caching_options(False)
     with dsl.If(ok.output == True, name="evaluation-gate"):  # noqa: E712 (a kfp condition)
-        dep = _cluster_settings(deploy(weights_uri=main.output, model_repository=model_repository))
+        dep = _cluster_settings(deploy(weights_uri=main.output, model_repository=model_repository,
+                                       serving_target=serving_target, canary_percent=kserve_canary_percent))
         dep.set_caching_options(False)
         smoke = _cluster_settings(smoke_test(model_repository=dep.output, triton_url=triton_url, work_uri=work_uri,
                                              options=generation_options))

@@ -103,13 +103,15 @@ def train_args(manifest_uri: str, output_uri: str, preset: str, weights: str, st
 
 def train_step(manifest_uri: str, output_uri: str, preset: str, weights: str, steps: int, ablation: str,
                overrides: list[str], train_nodes: int = 1, gpus_per_node: int = 1, train_processes: int = 1,
-               keep_train_job: bool = False, image: str = "") -> str:
+               keep_train_job: bool = False, image: str = "", train_engine: str = "trainjob") -> str:
     """Train one variant (resuming if a checkpoint exists); returns a full weights URI.
 
     One process here by default; ``train_processes`` > 1 runs them under torchrun in this step;
-    ``train_nodes`` or ``gpus_per_node`` > 1 launch a PyTorchJob of that size (pipelines/launch.py)."""
+    ``train_nodes`` or ``gpus_per_node`` > 1 launch a cluster job of that size (pipelines/launch.py):
+    a Trainer v2 TrainJob (``train_engine="trainjob"``) or a Training Operator PyTorchJob ("pytorchjob")."""
     from . import launch
 
+    launch.engine(train_engine)  # a misspelt engine fails here, not only on a cluster
     args = train_args(manifest_uri, output_uri, preset, weights, steps, ablation, overrides)
     mode = launch.plan(train_nodes, gpus_per_node, train_processes)
     log.info("training %s: %s (nodes %d, GPUs per node %d, processes %d)", ablation, mode, train_nodes,
@@ -119,24 +121,25 @@ def train_step(manifest_uri: str, output_uri: str, preset: str, weights: str, st
     elif mode == launch.LOCAL:
         launch.run_torchrun(train_processes, args)
     else:
-        launch.launch_job(launch.pytorchjob_manifest(train_job_spec(args, output_uri, manifest_uri, train_nodes,
-                                                                    gpus_per_node, image)), keep=keep_train_job)
+        launch.launch_job(launch.job_manifest(train_job_spec(args, output_uri, manifest_uri, train_nodes,
+                                                             gpus_per_node, image, engine=train_engine)),
+                          keep=keep_train_job)
     return assemble_weights(output_uri, preset, weights, storage.join(output_uri, "weights"))
 
 
 def train_job_spec(args: list[str], output_uri: str, manifest_uri: str, nodes: int, gpus_per_node: int,
-                   image: str, namespace: str = "") -> "launch.JobSpec":
-    """The PyTorchJob for ``args``, in this step's namespace, with the pipeline's identity and endpoints."""
+                   image: str, namespace: str = "", engine: str = "trainjob") -> "launch.JobSpec":
+    """The cluster job for ``args``, in this step's namespace, with the pipeline's identity and endpoints."""
     from . import launch, pipeline
 
     for what, uri in (("the manifest", manifest_uri), ("the training output", output_uri)):
         if not storage.is_s3(uri):
-            raise ValueError(f"{what} {uri!r} is a local path, which the PyTorchJob's pods cannot see: "
+            raise ValueError(f"{what} {uri!r} is a local path, which the cluster job's pods cannot see: "
                              "give the pipeline an s3:// work_uri")
     return launch.JobSpec(name=launch.job_name(output_uri), namespace=namespace or launch.current_namespace(),
                           image=image or pipeline.GPU_IMAGE, train_args=args, nodes=nodes,
-                          gpus_per_node=gpus_per_node, s3_secret=pipeline.S3_SECRET, endpoints=pipeline.ENDPOINTS,
-                          mlflow_secret=getattr(pipeline, "MLFLOW_SECRET", ""))  # the steps' MLflow login, if any
+                          gpus_per_node=gpus_per_node, engine=engine, s3_secret=pipeline.S3_SECRET,
+                          endpoints=pipeline.ENDPOINTS, mlflow_secret=pipeline.MLFLOW_SECRET)
 
 
 def evaluate_step(weights_uri: str, eval_set: str, output_uri: str, limit: int, overrides: list[str],
@@ -196,10 +199,32 @@ def gate_aliases(summary: dict, passed: bool, thresholds: dict, champion_rule: s
     return registry.gate_passed(version["name"], int(version["version"]), rule)
 
 
-def deploy_step(weights_uri: str, model_repository: str, triton_url: str = "") -> str:
+def deploy_step(weights_uri: str, model_repository: str, triton_url: str = "", target: str = "triton",
+                canary_percent: int = 10) -> str:
     """Write the weights as the repository's next model version; with ``triton_url``, that server
     (explicit model control, admin key in MOTIONCHARACTER_TRITON_ADMIN_KEY) loads, warms up and
-    then serves it. The smoke step checks the version served."""
+    then serves it. The smoke step checks the version served.
+
+    ``target="kserve"``: the registry drives it. The version the gate just made @challenger gets its
+    own repository (MODEL_REPOSITORY-kserve/vN) and MODEL_REPOSITORY-kserve/inferenceservice.yaml
+    serves it as a canary with ``canary_percent`` of the traffic (0: all of it). The step writes the
+    manifest; applying it is left to an account allowed to change InferenceServices (the pipeline's
+    is not). Returns the repository the smoke step should check."""
+    if target == "kserve":
+        from motioncharacter import registry
+        from motioncharacter.serving import kserve
+
+        v = registry.registered_version_of(weights_uri)
+        if not v:
+            raise ValueError(f"serving_target=kserve serves registered versions (@challenger after the gate): "
+                             f"{weights_uri} holds no registered adapter")
+        ref = f"{registry.PREFIX}{v['name']}@challenger"
+        _cli(["deploy", "--target", "kserve", "--model", ref, "--model-repository", model_repository,
+              "--copy-weights", "--manifest", storage.join(kserve.kserve_root(model_repository), "inferenceservice.yaml"),
+              *(["--canary-percent", str(canary_percent)] if canary_percent else [])])
+        return kserve.storage_uri(model_repository, registry.resolve(ref).version)
+    if target != "triton":
+        raise ValueError(f"serving_target={target!r}: must be triton (the Triton Deployment) or kserve")
     _cli(["deploy", "--weights", weights_uri, "--model-repository", model_repository, "--copy-weights",
           *(["--url", triton_url] if triton_url else [])])
     return model_repository

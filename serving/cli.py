@@ -73,6 +73,23 @@ def add_commands(sub) -> None:
                         "the new version. A polling server (`serve --model-control poll`) is waited for instead")
     p.add_argument("--load-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="with --url: give up if the server does not serve the version after this long (default 600)")
+    k = p.add_argument_group("KServe (--target kserve)")
+    k.add_argument("--target", choices=["triton", "kserve"], default="triton",
+                   help="triton (default): a new version in the repository that Triton Deployments poll or "
+                        "`--url` reloads; kserve: an immutable repository per registered version "
+                        "(MODEL_REPOSITORY-kserve/vN, N from --model, or --version with --weights/--preset) and a "
+                        "KServe InferenceService serving it, written to --manifest")
+    k.add_argument("--manifest", default="inferenceservice.yaml", metavar="FILE",
+                   help="the InferenceService to write (and, for --promote/--rollback, to read; default %(default)s)")
+    k.add_argument("--canary-percent", type=int, metavar="P",
+                   help="roll the new version out as a canary taking P%% of the traffic; the previous revision keeps "
+                        "the rest (default: all traffic at once)")
+    k.add_argument("--promote", action="store_true",
+                   help="with --target kserve: the canary in --manifest becomes the default (100%%)")
+    k.add_argument("--name", default="motioncharacter", help="InferenceService name (default %(default)s)")
+    k.add_argument("--namespace", default="motioncharacter", help="its namespace (default %(default)s)")
+    k.add_argument("--gpus", type=int, default=0, help="GPUs per predictor pod (default 0: CPU)")
+    k.add_argument("--image", default="", help="Triton image (default: the project's motioncharacter-triton)")
     p.add_argument("--fps", type=int, default=8, help="frame rate of the returned mp4 (default 8)")
     p.add_argument("--max-frames", type=int, default=d.max_frames, help=f"request limit (default {d.max_frames})")
     p.add_argument("--max-resolution", type=int, default=d.max_resolution,
@@ -118,12 +135,8 @@ def _registered_weights(args: argparse.Namespace) -> tuple[str | None, bool]:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from ..cli import UserError
-    from ..model.acceleration import from_args
-    from .repository import MODEL, STREAM_MODEL, DeployOptions, rollback, served_version, write_version
-    from .request_args import Limits
+    from .repository import MODEL, STREAM_MODEL, rollback, served_version, write_version
 
     if args.url:  # before anything is written: a repository the server was not told about helps nobody
         import os
@@ -133,6 +146,11 @@ def _deploy(args: argparse.Namespace) -> int:
         if not os.environ.get(ADMIN_KEY_ENV):
             raise UserError(f"--url reloads the models through the server's admin API: set {ADMIN_KEY_ENV} to the "
                             "key it was started with (a server polling its repository needs no --url)")
+    if args.target == "kserve":
+        return _deploy_kserve(args, _options(args, *_registered_weights(args)) if not (args.rollback or args.promote)
+                              else None)
+    if args.promote:
+        raise UserError("--promote moves a KServe canary: use it with --target kserve")
     if args.rollback:
         if args.weights or args.preset or args.model:
             raise UserError("--rollback returns to a version already in the repository: give no --weights, "
@@ -145,18 +163,7 @@ def _deploy(args: argparse.Namespace) -> int:
         return 0
     if not (args.weights or args.preset or args.model):
         raise UserError("give one of --weights URI, --preset NAME or --model models:/NAME@ALIAS (or --rollback)")
-    weights, copy_weights = _registered_weights(args)
-    opts = DeployOptions(
-        weights=weights, preset=args.preset, copy_weights=copy_weights, arcface_pack=args.arcface_pack,
-        base_checkpoint=(args.base_checkpoint if not args.base_checkpoint or "://" in args.base_checkpoint
-                         else str(Path(args.base_checkpoint).resolve())),
-        scheduler=args.scheduler or "", default_steps=args.steps, acceleration=asdict(from_args(args)),
-        kind=args.kind, instances=args.instances, max_batch_size=args.max_batch_size,
-        max_queue_size=args.max_queue_size, queue_timeout_s=args.queue_timeout,
-        request_timeout_s=args.request_timeout, version=args.version, version_policy=args.version_policy,
-        warmup=args.warmup, keep_versions=args.keep_versions,
-        fps=args.fps, limits=Limits(max_frames=args.max_frames, max_resolution=args.max_resolution,
-                                    max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars))
+    opts = _options(args, *_registered_weights(args))
     dest = args.model_repository
     before = served_version(dest)
     version = write_version(dest, opts)
@@ -167,6 +174,82 @@ def _deploy(args: argparse.Namespace) -> int:
     else:
         print(f"serve it with: motioncharacter serve --model-repository {dest} (a running server: "
               "`deploy --url`, or `serve --model-control poll`)")
+    return 0
+
+
+def _options(args: argparse.Namespace, weights: str | None, copy_weights: bool):
+    from dataclasses import asdict
+
+    from ..model.acceleration import from_args
+    from .repository import DeployOptions
+    from .request_args import Limits
+
+    return DeployOptions(
+        weights=weights, preset=args.preset, copy_weights=copy_weights, arcface_pack=args.arcface_pack,
+        base_checkpoint=(args.base_checkpoint if not args.base_checkpoint or "://" in args.base_checkpoint
+                         else str(Path(args.base_checkpoint).resolve())),
+        scheduler=args.scheduler or "", default_steps=args.steps, acceleration=asdict(from_args(args)),
+        kind=args.kind, instances=args.instances, max_batch_size=args.max_batch_size,
+        max_queue_size=args.max_queue_size, queue_timeout_s=args.queue_timeout,
+        request_timeout_s=args.request_timeout, version=args.version, version_policy=args.version_policy,
+        warmup=args.warmup, keep_versions=args.keep_versions,
+        fps=args.fps, limits=Limits(max_frames=args.max_frames, max_resolution=args.max_resolution,
+                                    max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars))
+
+
+def _deploy_kserve(args: argparse.Namespace, opts) -> int:
+    """Write (or reuse) the version's repository and the InferenceService; --promote / --rollback move
+    the traffic of the one in --manifest."""
+    import yaml
+
+    from .. import registry, storage
+    from ..cli import UserError
+    from . import kserve
+    from .repository import served_version, write_version
+
+    if args.url:
+        raise UserError("--url reloads a Triton server; with --target kserve, apply --manifest (kubectl apply -f)")
+    if args.promote or args.rollback:
+        if args.promote and args.rollback:
+            raise UserError("give --promote or --rollback, not both")
+        if args.weights or args.preset or args.model:
+            raise UserError("--promote/--rollback move traffic between revisions already rolled out: give no "
+                            "--weights, --preset or --model")
+        if not storage.exists(args.manifest):
+            raise UserError(f"{args.manifest}: no InferenceService to {'promote' if args.promote else 'roll back'} "
+                            "(write one with deploy --target kserve first)")
+        try:
+            m = (kserve.promote if args.promote else kserve.rollback)(yaml.safe_load(storage.read_bytes(args.manifest)))
+        except ValueError as e:
+            raise UserError(f"{args.manifest}: {e}") from None
+        storage.write_bytes(args.manifest, yaml.safe_dump(m, sort_keys=False).encode())
+        print(f"wrote {args.manifest}: " + ("the canary serves all traffic" if args.promote else
+                                            "all traffic back to the previous revision (the canary gets 0%)"))
+        print(f"apply it with: kubectl apply -f {args.manifest}")
+        return 0
+    if not (args.weights or args.preset or args.model):
+        raise UserError("give --model models:/NAME@ALIAS (or --weights/--preset with --version N), or "
+                        "--promote / --rollback")
+    ref = args.model or (args.weights if registry.is_reference(args.weights) else None)
+    version = registry.resolve(ref).version if ref else args.version
+    if not version:
+        raise UserError("--target kserve serves one repository per registered version: give --model "
+                        "models:/NAME@ALIAS, or --version N with --weights/--preset")
+    dest = kserve.storage_uri(args.model_repository, version)
+    if served_version(dest):  # immutable: a KServe revision may still serve it
+        print(f"{dest} already holds version {version}: reusing it")
+    else:
+        import dataclasses
+
+        write_version(dest, dataclasses.replace(opts, version=0, keep_versions=0))
+        print(f"wrote version {version} to {dest}")
+    m = kserve.inference_service(args.name, args.namespace, dest, image=args.image or kserve.TRITON_IMAGE,
+                                 canary_percent=args.canary_percent, gpus=args.gpus, model=ref or "")
+    storage.write_bytes(args.manifest, yaml.safe_dump(m, sort_keys=False).encode())
+    share = f"as a canary with {args.canary_percent}% of the traffic" if args.canary_percent is not None \
+        else "with all the traffic"
+    print(f"wrote {args.manifest}: InferenceService {args.namespace}/{args.name} serves {dest} {share}")
+    print(f"apply it with: kubectl apply -f {args.manifest}")
     return 0
 
 

@@ -21,8 +21,9 @@ DOCKER = ROOT / "docker"
 IMAGES = {  # Dockerfile -> expected base image family
     "Dockerfile": r"python:3\.11\.\d+-slim-bookworm",
     "Dockerfile.cuda": r"nvidia/cuda:\d+\.\d+\.\d+-runtime-ubuntu\d\d\.\d\d",
-    # a release after NVIDIA's August 2025 Triton security bulletin (25.08 or later)
-    "Dockerfile.triton": r"nvcr\.io/nvidia/tritonserver:(25\.(0[89]|1[0-2])|2[6-9]\.\d\d)-py3",
+    # a release with the fixes of NVIDIA's 2026 Triton bulletins (5828: r26.03 ... 5875: r26.07), so
+    # also past the December 2025 one (CVE-2025-33201): 26.07 or later
+    "Dockerfile.triton": r"nvcr\.io/nvidia/tritonserver:(26\.(0[7-9]|1[0-2])|2[7-9]\.\d\d)-py3",
 }
 ENTRYPOINTS = {"Dockerfile": ["motioncharacter"], "Dockerfile.cuda": ["motioncharacter"],
                "Dockerfile.triton": ["tritonserver"]}
@@ -83,8 +84,9 @@ def test_runs_as_the_non_root_user_the_manifests_expect(name):
     last_user = max(i for i, (instr, _) in enumerate(ins) if instr == "USER")
     assert not [a for instr, a in ins[last_user:] if instr == "RUN"], "nothing may run after the final USER"
     # the Kubernetes pods that use this image run as the same uid
-    k8s_files = {"Dockerfile": ["base/mlflow.yaml", "training/base/pytorchjob.yaml"],
-                 "Dockerfile.cuda": ["training/base/pytorchjob.yaml"], "Dockerfile.triton": ["base/triton.yaml"]}
+    k8s_files = {"Dockerfile": ["base/mlflow.yaml", "training/base/pytorchjob.yaml", "training/trainjob/base/trainjob.yaml"],
+                 "Dockerfile.cuda": ["training/base/pytorchjob.yaml", "training/trainjob/base/trainjob.yaml"],
+                 "Dockerfile.triton": ["base/triton.yaml"]}
     for f in k8s_files[name]:
         uids = {int(m) for m in re.findall(r"runAsUser: (\d+)", (ROOT / "k8s" / f).read_text())}
         assert uids == {int(uid)}, (f, uids)

@@ -24,7 +24,9 @@ kv = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kv)
 
 SERVICE_OVERLAYS = ["overlays/local", "overlays/production"]
-TRAINING_OVERLAYS = ["training/overlays/local", "training/overlays/production"]
+PYTORCHJOB_OVERLAYS = ["training/overlays/local", "training/overlays/production"]  # Trainer v1 (legacy)
+TRAINJOB_OVERLAYS = ["training/trainjob/overlays/local", "training/trainjob/overlays/production"]  # Trainer v2
+TRAINING_OVERLAYS = TRAINJOB_OVERLAYS + PYTORCHJOB_OVERLAYS
 PROJECT_IMAGE = "ghcr.io/motioncharacter/motioncharacter"
 TRITON_IMAGE = "ghcr.io/motioncharacter/motioncharacter-triton:0.1.0"  # docker/Dockerfile.triton
 SECRET_NAME_RE = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN", re.I)
@@ -60,13 +62,30 @@ def find(docs, kind, name=None):
 
 
 def pod_specs(docs):
-    """(owner, pod spec) for every workload, PyTorchJob replicas included."""
+    """(owner, pod spec) for every workload, PyTorchJob replicas and TrainJob nodes included."""
     for d in docs:
         if d["kind"] in ("Deployment", "StatefulSet", "Job"):
             yield f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]
         elif d["kind"] == "PyTorchJob":
             for r, spec in d["spec"]["pytorchReplicaSpecs"].items():
                 yield f"PyTorchJob/{d['metadata']['name']}/{r}", spec["template"]["spec"]
+        elif d["kind"] == "TrainJob":
+            yield f"TrainJob/{d['metadata']['name']}/node", trainjob_pod(d)
+
+
+def trainjob_pod(job):
+    """The pod Trainer makes of a TrainJob on torch-distributed, as far as the TrainJob decides it: its
+    runtime patch of ReplicatedJob "node", with the trainer's image, command, resources and env in the
+    container, and the token setting of the account it runs as (the namespace's default account)."""
+    (node,) = [rj for p in job["spec"]["runtimePatches"]
+               for rj in p["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"] if rj["name"] == "node"]
+    pod = copy.deepcopy(node["template"]["spec"]["template"]["spec"])
+    t = job["spec"]["trainer"]
+    (c,) = pod["containers"]
+    c.update(image=t["image"], command=t["command"], args=t["args"], resources=t["resourcesPerNode"], env=t["env"])
+    default_sa = find(rendered("overlays/production"), "ServiceAccount", "default")
+    pod["automountServiceAccountToken"] = default_sa.get("automountServiceAccountToken")
+    return pod
 
 
 def containers(spec):
@@ -110,11 +129,20 @@ def test_validator_rejects_unknown_fields_unknown_kinds_and_bad_pytorchjobs():
                                            "metadata": {"name": "x"}}])
     assert any("Couldn't find schema" in p for p in problems)
 
+    # custom resources against their projects' published CRDs (k8s/crds): wrong types, unknown fields
     job = find(rendered("training/overlays/local"), "PyTorchJob", "motioncharacter-train")
-    job["spec"]["pytorchReplicaSpecs"]["Chief"] = job["spec"]["pytorchReplicaSpecs"]["Worker"]
-    job["spec"]["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] = "Sometimes"
-    problems = kv._check_custom(job, kv.CUSTOM_SCHEMAS[("kubeflow.org/v1", "PyTorchJob")])
-    assert any("Chief" in p for p in problems) and any("Sometimes" in p for p in problems)
+    job["spec"]["runPolicy"]["backoffLimit"] = "three"
+    job["spec"]["runPolicy"]["backofLimit"] = 3
+    problems = kv.check_custom(job)
+    assert any("'three' is not of type 'integer'" in p for p in problems)
+    assert any("backofLimit" in p for p in problems)
+    tj = find(rendered("training/trainjob/overlays/local"), "TrainJob", "motioncharacter-train")
+    tj["spec"]["trainer"]["numNodes"] = "2"
+    tj["spec"]["runtimeRef"]["nmae"] = "torch-distributed"
+    problems = kv.check_custom(tj)
+    assert any("numNodes" in p for p in problems) and any("nmae" in p for p in problems)
+    # a vendored CRD that is not the published one is refused
+    assert set(kv.recorded_sha256()) == set(kv.CRDS.values())
 
     # a broken pod template inside the PyTorchJob is caught by the core schema
     tpl = kv._pod_templates(job)[0]
@@ -133,14 +161,13 @@ def test_launched_pytorchjob_validates_offline_in_the_shape_of_k8s_training(node
     out, data = "s3://pipelines/motioncharacter/run/train/full", "s3://pipelines/motioncharacter/run/prepared/m.jsonl"
     args = train_args(data, out, "", "s3://models/sd15-animatediff", 100, "no_id_loss", [])
     job = launch.pytorchjob_manifest(train_job_spec(args, out, data, nodes, gpus, "", namespace="motioncharacter"))
-    schema = kv.CUSTOM_SCHEMAS[("kubeflow.org/v1", "PyTorchJob")]
-    assert kv._check_custom(job, schema) == []
+    assert kv.check_custom(job) == []
     templates = kv._pod_templates(job)
     problems, passed = kv.kubernetes_validate(templates)  # each replica's pod, strictly
     assert problems == [] and len(passed) == len(templates) == (2 if nodes > 1 else 1)
     bad = copy.deepcopy(job)
     bad["spec"]["nprocPerNode"] = gpus  # the operator's field is a string
-    assert any("nprocPerNode" in p for p in kv._check_custom(bad, schema))
+    assert any("nprocPerNode" in p for p in kv.check_custom(bad))
 
     # the same pod as k8s/training's job: locked down, GPU nodes, the operator's port and container name
     base = find(rendered("training/overlays/production"), "PyTorchJob", "motioncharacter-train")[
@@ -198,6 +225,68 @@ def test_triton_deployment(overlay):
 
     svc = find(docs, "Service", "triton")
     assert {p["port"] for p in svc["spec"]["ports"]} == {8000, 8001, 8002}
+
+
+RESTRICTED_APIS = {"model-repository", "shared-memory", "trace", "logging"}
+
+
+def triton_lockdown_problems(c) -> list[str]:
+    """What a Triton container lacks of the production lockdown: the admin APIs restricted over HTTP
+    and gRPC to a key that comes from the Secret triton-admin, and Triton's own request-size cap."""
+    args, problems = c.get("command", []) + c.get("args", []), []
+    e = env(c)
+    for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):
+        values = [a.split("=", 1)[1] for a in args if a.startswith(flag + "=")]
+        if not values:
+            problems.append(f"no {flag}")
+            continue
+        apis, _, header = values[0].partition(":")
+        if not RESTRICTED_APIS <= set(apis.split(",")):
+            problems.append(f"{flag} leaves {sorted(RESTRICTED_APIS - set(apis.split(',')))} open")
+        m = re.fullmatch(r"triton-admin-key=\$\((\w+)\)", header)
+        ref = e.get(m.group(1), {}).get("valueFrom", {}).get("secretKeyRef", {}) if m else {}
+        if ref.get("name") != "triton-admin":
+            problems.append(f"{flag}'s key {header!r} is not from the Secret triton-admin")
+    sizes = [int(a.split("=", 1)[1]) for a in args if a.startswith("--http-max-input-size=")]
+    if not sizes or sizes[0] > 64 * 1024 * 1024:
+        problems.append(f"HTTP request size not capped by Triton at 64 MiB or less: {sizes}")
+    return problems
+
+
+def triton_containers(docs):
+    for d in docs:
+        if d["kind"] == "InferenceService":
+            yield f"InferenceService/{d['metadata']['name']}", d["spec"]["predictor"]["model"]
+        for owner, spec in pod_specs([d]):
+            for c in containers(spec):
+                if "triton" in c.get("image", "") or "tritonserver" in c.get("command", []):
+                    yield f"{owner}/{c['name']}", c
+
+
+def test_every_triton_container_in_every_overlay_is_locked_down_and_current():
+    """Renders every kustomization (kubectl kustomize) and the KServe predictor `deploy --target
+    kserve` writes: each Triton container restricts the admin APIs and runs the image built on a
+    Triton release with the 2026 fixes (docker/Dockerfile.triton)."""
+    from motioncharacter.serving import kserve
+
+    seen = []
+    docs = [kserve.inference_service("m", "motioncharacter", "s3://models/m-kserve/v1", gpus=1)]
+    for overlay in kv.OVERLAYS:
+        docs += rendered(overlay)
+    for owner, c in triton_containers(docs):
+        seen.append(owner)
+        assert triton_lockdown_problems(c) == [], owner
+        assert c["image"].startswith("ghcr.io/motioncharacter/motioncharacter-triton:"), owner
+    assert {"Deployment/triton/triton", "InferenceService/m"} <= set(seen)
+    base = re.search(r"^FROM nvcr\.io/nvidia/tritonserver:(\d\d)\.(\d\d)-py3", (ROOT / "docker" / "Dockerfile.triton")
+                     .read_text(), re.M).groups()
+    assert tuple(map(int, base)) >= (26, 7)  # past NVIDIA's bulletins 5828 (r26.03) ... 5875 (r26.07)
+    # the check is not a no-op: each missing piece is named
+    (c,) = find(rendered("overlays/production"), "Deployment", "triton")["spec"]["template"]["spec"]["containers"]
+    c["args"] = [a for a in c["args"] if not a.startswith("--grpc-restricted")]
+    assert triton_lockdown_problems(c) == ["no --grpc-restricted-protocol"]
+    c["env"] = [x for x in c["env"] if x["name"] != "MOTIONCHARACTER_TRITON_ADMIN_KEY"]
+    assert any("not from the Secret triton-admin" in p for p in triton_lockdown_problems(c))
 
 
 def test_production_triton_is_on_gpus_and_autoscaled():
@@ -271,7 +360,7 @@ def test_minio_and_mlflow(overlay, minio_size, db_size):
 
 # --- training --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("overlay", TRAINING_OVERLAYS)
+@pytest.mark.parametrize("overlay", PYTORCHJOB_OVERLAYS)
 def test_pytorchjob(overlay):
     docs = rendered(overlay)
     job = find(docs, "PyTorchJob", "motioncharacter-train")
@@ -325,6 +414,49 @@ def test_pytorchjob(overlay):
     assert cfg.train.resume and cfg.model.weights.startswith("s3://")
 
 
+@pytest.mark.parametrize("overlay", TRAINJOB_OVERLAYS)
+def test_trainjob(overlay):
+    """Trainer v2's form: the stock torch-distributed runtime, nodes x processes per node, the same
+    command, config, identity and locked-down pod as the PyTorchJob."""
+    docs = rendered(overlay)
+    job = find(docs, "TrainJob", "motioncharacter-train")
+    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
+    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                         "name": "torch-distributed"}
+    t = job["spec"]["trainer"]
+    pod = trainjob_pod(job)
+    (c,) = pod["containers"]
+    assert c["name"] == "node"  # the runtime's container, which the patch must name
+    assert t["command"] == ["torchrun"] and t["args"][:3] == ["--no-python", "motioncharacter", "train"]
+    assert "--config=/etc/motioncharacter/train.yaml" in t["args"]
+    assert volume(pod, "config")["configMap"]["name"] == "motioncharacter-train-config"
+    assert find(docs, "ConfigMap", "motioncharacter-train-config")
+    assert mount_path(c, "dshm") == "/dev/shm" and volume(pod, "dshm")["emptyDir"]["medium"] == "Memory"
+    e = env(c)
+    assert e["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-training"
+    gpus = t["resourcesPerNode"].get("limits", {}).get("nvidia.com/gpu")
+    assert t["numNodes"] == 2
+    if overlay.endswith("production"):
+        assert t["image"] == f"{PROJECT_IMAGE}:0.1.0-cuda" and gpus == t["numProcPerNode"] == 8
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert volume(pod, "tmp")["emptyDir"]["sizeLimit"] == "64Gi"
+    else:
+        assert t["image"] == f"{PROJECT_IMAGE}:0.1.0" and gpus is None and t["numProcPerNode"] == 1
+        assert e["DS_ACCELERATOR"]["value"] == "cpu"
+    # the same job the pipeline's train step creates, but for its identity and paths
+    from motioncharacter.pipelines import launch
+
+    mine = launch.trainjob_manifest(launch.JobSpec(name="x", namespace="motioncharacter", image="i",
+                                                   train_args=["train"], nodes=2, gpus_per_node=8))
+    assert mine["spec"]["runtimeRef"] == job["spec"]["runtimeRef"]
+    mpod = trainjob_pod(mine)
+    for key in ("securityContext", "tolerations", "nodeSelector"):
+        assert mpod.get(key) == pod.get(key) or not overlay.endswith("production"), key
+    assert mpod["securityContext"] == pod["securityContext"]
+    assert mpod["containers"][0]["securityContext"] == c["securityContext"]
+    assert set(env(c)) - {"DS_ACCELERATOR"} <= set(env(mpod["containers"][0]))
+
+
 # --- security properties across every workload ------------------------------------------
 
 @pytest.mark.parametrize("overlay", SERVICE_OVERLAYS + TRAINING_OVERLAYS)
@@ -344,7 +476,7 @@ def test_every_pod_is_non_root_and_locked_down(overlay):
             assert c["resources"]["requests"], owner
             image, _, tag = c["image"].rpartition(":")
             assert image and tag and tag != "latest" and "/" not in tag, (owner, c["image"])
-    assert seen >= (2 if "training" in overlay else 5)
+    assert seen >= (1 if "trainjob" in overlay else 2 if "training" in overlay else 5)
 
 
 def _secret_templates() -> dict[str, dict]:
@@ -357,7 +489,8 @@ def _secret_templates() -> dict[str, dict]:
 
 def test_secret_templates_hold_only_placeholders():
     templates = _secret_templates()
-    assert set(templates) == {*WORKLOAD_SECRETS.values(), "minio-root", "mlflow-db", "mlflow-admin", "mlflow-client"}
+    assert set(templates) == {*WORKLOAD_SECRETS.values(), "minio-root", "mlflow-db", "mlflow-admin", "mlflow-client",
+                              "triton-admin"}
     for name, doc in templates.items():
         assert doc["kind"] == "Secret" and "data" not in doc, name
         assert doc["metadata"]["annotations"]["motioncharacter.io/template"] == "true"
@@ -424,16 +557,18 @@ EXPECTED_SECRETS = {
     "StatefulSet/mlflow-postgres": {"mlflow-db"},
     "Deployment/mlflow": {"mlflow-db", "s3-mlflow", "mlflow-admin"},
     "Job/mlflow-setup": {"mlflow-admin", "mlflow-client"},
-    "Deployment/triton": {"s3-triton"},
+    "Deployment/triton": {"s3-triton", "triton-admin"},
     "PyTorchJob/motioncharacter-train/Master": {"s3-training", "mlflow-client"},
     "PyTorchJob/motioncharacter-train/Worker": {"s3-training", "mlflow-client"},
+    "TrainJob/motioncharacter-train/node": {"s3-training", "mlflow-client"},
 }
 
 
 # whose S3 user each object-store client's AWS_* come from
 S3_USER = {"Deployment/triton": "s3-triton", "Deployment/mlflow": "s3-mlflow",
            "PyTorchJob/motioncharacter-train/Master": "s3-training",
-           "PyTorchJob/motioncharacter-train/Worker": "s3-training"}
+           "PyTorchJob/motioncharacter-train/Worker": "s3-training",
+           "TrainJob/motioncharacter-train/node": "s3-training"}
 
 
 @pytest.mark.parametrize("overlay", SERVICE_OVERLAYS + TRAINING_OVERLAYS)
@@ -450,7 +585,7 @@ def test_each_workload_reads_only_its_own_secrets(overlay):
                 assert env(c)[key]["valueFrom"]["secretKeyRef"] == {"name": S3_USER[owner], "key": key}, owner
         if "minio-root" in secret_refs(spec):
             assert owner in ("StatefulSet/minio", "Job/minio-setup"), owner
-    assert seen == 2, overlay  # Triton + MLflow, or the two training replicas
+    assert seen == (1 if "trainjob" in overlay else 2), overlay  # Triton + MLflow, the training replicas or nodes
 
 
 def _policies(docs=None) -> dict[str, dict]:
@@ -507,8 +642,8 @@ def test_every_workload_policy_covers_what_its_manifest_names_and_no_more():
     # training: reads its --data and base weights, writes its --output, never the model repositories
     for overlay in TRAINING_OVERLAYS:
         docs = rendered(overlay)
-        job = find(docs, "PyTorchJob", "motioncharacter-train")
-        args = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
+        (_, pod), *_ = [p for p in pod_specs(docs) if "motioncharacter-train" in p[0]]
+        args = pod["containers"][0]["args"]
         opt = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
         weights = yaml.safe_load(find(docs, "ConfigMap", "motioncharacter-train-config")["data"]["train.yaml"])[
             "model"]["weights"]
@@ -527,6 +662,14 @@ def test_every_workload_policy_covers_what_its_manifest_names_and_no_more():
     assert allows(pol["pipeline"], "s3:PutObject", _obj(defaults["work_uri"]))
     assert allows(pol["pipeline"], "s3:PutObject", _obj(defaults["model_repository"]))
     assert allows(pol["pipeline"], "s3:PutObject", _obj("s3://models/triton"))
+    # KServe: the pipeline publishes each version's repository beside model_repository; Triton's user
+    # (which KServe's storage initializer reads as) only reads them
+    from motioncharacter.serving import kserve
+
+    served_by_kserve = kserve.storage_uri(defaults["model_repository"], 3)
+    assert allows(pol["pipeline"], "s3:PutObject", _obj(served_by_kserve))
+    assert allows(pol["triton"], "s3:GetObject", _obj(served_by_kserve))
+    assert not allows(pol["triton"], "s3:PutObject", _obj(served_by_kserve))
     for uri in ("s3://models/sd15-animatediff", "s3://checkpoints/run", "s3://clips/raw", "s3://mlflow/1"):
         assert not allows(pol["pipeline"], "s3:PutObject", _obj(uri)), uri
     assert not allows(pol["pipeline"], "s3:GetObject", _obj("s3://mlflow/1"))
@@ -692,6 +835,33 @@ def test_no_role_bound_to_the_pipeline_account_can_create_pods_or_read_other_sec
             assert not ({"deployments", "statefulsets", "jobs", "cronjobs", "replicasets", "daemonsets"} & res), r
             if "secrets" in res:
                 assert verbs == {"get"} and set(r["resourceNames"]) == {"s3-pipeline", "mlpipeline-minio-artifact"}
+
+
+def test_trainjobs_from_the_pipeline_are_held_to_its_own_secrets():
+    """A TrainJob from the pipeline account: its own Secrets only, in the trainer's env and in the
+    runtime patch's pods, the default account (which mounts no token), a cluster runtime only."""
+    docs = rendered("overlays/production")
+    policy = find(docs, "ValidatingAdmissionPolicy", "motioncharacter-pipeline-trainjobs")
+    binding = find(docs, "ValidatingAdmissionPolicyBinding", "motioncharacter-pipeline-trainjobs")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"] and binding["spec"]["validationActions"] == ["Deny"]
+    (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["apiGroups"] == ["trainer.kubeflow.org"] and rule["resources"] == ["trainjobs"]
+    text = " ".join(v["expression"] for v in policy["spec"]["validations"] + policy["spec"]["variables"])
+    for field in ("trainer.env", "runtimePatches", "secretKeyRef", "v.secret", "projected", "initContainers",
+                  "serviceAccountName", "ClusterTrainingRuntime"):
+        assert field in text, field
+    assert "['s3-pipeline', 'mlflow-client']" in text
+    assert find(docs, "ServiceAccount", "default")["automountServiceAccountToken"] is False
+    role = find(docs, "Role", "motioncharacter-pipeline")
+    assert any(r["apiGroups"] == ["trainer.kubeflow.org"] and r["resources"] == ["trainjobs"] for r in role["rules"])
+    from motioncharacter.pipelines import launch
+
+    job = launch.trainjob_manifest(launch.JobSpec(name="t", namespace="motioncharacter", image="i",
+                                                  train_args=["train"], nodes=2, gpus_per_node=1))
+    pod = trainjob_pod(job)
+    assert pod.get("serviceAccountName", "default") == "default"
+    assert secret_refs(pod) == {"s3-pipeline", "mlflow-client"}
+    assert job["spec"]["runtimeRef"]["kind"] == "ClusterTrainingRuntime"
 
 
 def test_pytorchjobs_from_the_pipeline_are_held_to_its_own_secret():

@@ -1,11 +1,17 @@
 """Where the pipeline's training runs (pipelines/launch.py): which branch the parameters choose,
-the PyTorchJob the cluster branch would create (no cluster here: its offline validation is in
-test_k8s.py), how a job's conditions are read, the compiled pipeline's wiring of the launch and
-shard parameters, and the local branch for real: two processes under torchrun on CPU (gloo)."""
+the TrainJob (Trainer v2) and PyTorchJob (Training Operator v1) the cluster branch creates, each
+validated against the CRD its project publishes (k8s/crds), how a job's conditions are read,
+launch_job against a fake Kubernetes API (the one test double here: no cluster can run on this
+machine), the compiled pipeline's wiring of the launch and shard parameters, and the local branch
+for real: two processes under torchrun on CPU (gloo)."""
 from __future__ import annotations
 
+import copy
+import importlib.util
 import io
 import re
+import threading
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,10 +19,13 @@ from train_fixtures import FAST, prepared, train_env
 
 from motioncharacter import storage
 from motioncharacter.pipelines import launch, pipeline
-from motioncharacter.pipelines.pipeline import ENDPOINTS, GPU_IMAGE, S3_SECRET
+from motioncharacter.pipelines.pipeline import ENDPOINTS, GPU_IMAGE, MLFLOW_SECRET, S3_SECRET
 from motioncharacter.pipelines.steps import train_args, train_job_spec, train_step
 
 MANIFEST, OUT = "s3://pipelines/motioncharacter/run/prepared/manifest.jsonl", "s3://pipelines/motioncharacter/run/train/full"
+_spec = importlib.util.spec_from_file_location("k8s_validate", Path(__file__).resolve().parents[1] / "k8s" / "validate.py")
+kv = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kv)
 
 
 @pytest.mark.parametrize("nodes, gpus, procs, cluster, want", [
@@ -81,8 +90,8 @@ def test_pytorchjob_manifest_for_the_pipeline_parameters():
         assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": S3_SECRET,
                                                                              "key": "AWS_SECRET_ACCESS_KEY"}
         assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]["name"] == ENDPOINTS
-        mlflow_secret = getattr(pipeline, "MLFLOW_SECRET", "")  # the steps' MLflow login, where there is one
-        assert not mlflow_secret or env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == mlflow_secret
+        assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == MLFLOW_SECRET
+        assert len(env) == len(c["env"]), "a variable is set twice"
         assert env["NCCL_DEBUG"]["value"] == "WARN" and "TORCH_NCCL_ASYNC_ERROR_HANDLING" in env
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     one = launch.pytorchjob_manifest(train_job_spec(args, OUT, MANIFEST, nodes=1, gpus_per_node=4, image="img:1",
@@ -129,6 +138,8 @@ def test_compiled_pipeline_wires_shards_and_launch_parameters(tmp_path):
         for p in ("train_nodes", "gpus_per_node", "train_processes", "keep_train_job"):
             assert t[p]["componentInputParameter"].endswith(p), p
         assert t["image"]["componentInputParameter"].endswith("train_image")
+        assert t["train_engine"]["componentInputParameter"].endswith("train_engine")
+    assert params["train_engine"]["defaultValue"] == "trainjob"
 
 
 # ---- the local branch, for real ---------------------------------------------------------------
@@ -166,3 +177,217 @@ def test_failed_processes_fail_the_step_with_their_output(tmp_path):
                                                r"are required: --data, --output\nlast lines:"):
         launch.run_torchrun(1, ["train"], out=buf)
     assert "usage: motioncharacter train" in buf.getvalue()  # the ranks' output reached the step's log
+
+
+# ---- the cluster branch: TrainJob (Trainer v2) and PyTorchJob, against the published CRDs ------
+
+def _job(engine, nodes=2, gpus=8, image=""):
+    args = train_args(MANIFEST, OUT, "", "s3://models/sd15-animatediff", 100, "full", [])
+    return launch.job_manifest(train_job_spec(args, OUT, MANIFEST, nodes, gpus, image, namespace="team-a",
+                                              engine=engine))
+
+
+def test_trainjob_for_two_nodes_of_eight_gpus_validates_against_trainer_v2s_crd():
+    job = _job("trainjob")
+    assert kv.check_custom(job) == []  # Trainer v2.2.0's own CRD schema (k8s/crds)
+    assert (job["apiVersion"], job["kind"]) == ("trainer.kubeflow.org/v1alpha1", "TrainJob")
+    assert job["metadata"]["name"] == launch.job_name(OUT)  # a retried step finds its job
+    spec = job["spec"]
+    assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                  "name": "torch-distributed"}
+    t = spec["trainer"]
+    assert (t["numNodes"], t["numProcPerNode"]) == (2, 8) and t["image"] == GPU_IMAGE
+    assert t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == t["resourcesPerNode"]["requests"]["nvidia.com/gpu"] == 8
+    assert t["command"] == ["torchrun"] and t["args"][:3] == ["--no-python", "motioncharacter", "train"]
+    env = {e["name"]: e for e in t["env"]}
+    assert len(env) == len(t["env"]), "a variable is set twice"
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == S3_SECRET
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == MLFLOW_SECRET
+    assert env["MLFLOW_S3_ENDPOINT_URL"]["valueFrom"]["configMapKeyRef"]["name"] == ENDPOINTS
+    (patch,) = spec["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert node["name"] == "node"  # the torch-distributed runtime's ReplicatedJob
+    pod = node["template"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    (c,) = pod["containers"]
+    assert c["name"] == "node" and c["securityContext"]["readOnlyRootFilesystem"]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    # the CRD catches what the operator would refuse
+    bad = copy.deepcopy(job)
+    bad["spec"]["trainer"]["numProcPerNode"] = "8"
+    bad["spec"]["trainer"]["nodes"] = 2
+    problems = kv.check_custom(bad)
+    assert any("numProcPerNode" in p for p in problems) and any("'nodes' was unexpected" in p for p in problems)
+
+
+def test_pytorchjob_for_two_nodes_of_eight_gpus_validates_against_the_training_operators_crd():
+    job = _job("pytorchjob")
+    assert kv.check_custom(job) == []  # the Training Operator v1.9.4's CRD schema
+    assert job["kind"] == "PyTorchJob" and job["spec"]["nprocPerNode"] == "8"
+    bad = copy.deepcopy(job)
+    bad["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = "1"
+    bad["spec"]["nprocPerNode"] = 8  # the operator's field is a string
+    problems = kv.check_custom(bad)
+    assert any("Worker.replicas" in p for p in problems) and any("nprocPerNode" in p for p in problems)
+
+
+def test_engine_names_are_checked():
+    with pytest.raises(ValueError, match="train_engine='trainjobs': must be one of trainjob, pytorchjob"):
+        _job("trainjobs")
+    with pytest.raises(ValueError, match="train_engine='mpijob'"):
+        train_step(MANIFEST, OUT, "tiny", "", 1, "full", [], train_engine="mpijob")
+
+
+def test_job_state_reads_trainjob_conditions():
+    assert launch.job_state({"status": {}}) == ("Pending", "no status from the training operator yet")
+    assert launch.job_state({"status": {"jobsStatus": [{"name": "node", "active": 2}]}}) == (
+        "Running", "2 node(s) active")
+    assert launch.job_state({"status": {"conditions": [cond("Complete", reason="JobSetCompleted")]}}) == (
+        "Succeeded", "JobSetCompleted")
+    assert launch.job_state({"status": {"conditions": [
+        cond("Suspended", "False"), cond("Failed", reason="DeadlineExceeded", message="past activeDeadlineSeconds")]}}) == (
+        "Failed", "DeadlineExceeded: past activeDeadlineSeconds")
+    assert launch.job_state({"status": {"conditions": [cond("Suspended", reason="Suspended")]}})[0] == "Suspended"
+
+
+class FakeCluster:
+    """A stand-in for the Kubernetes API server (no cluster can run on this machine): custom objects
+    kept in a dict, each job's status advanced through ``statuses`` on every read, node 0's pod found
+    by the engine's label selector."""
+
+    def __init__(self, statuses, existing=None, log=b"step 1 loss 0.5\n"):
+        self.objects = dict(existing or {})
+        self.statuses, self.log = list(statuses), log
+        self.calls: list[tuple] = []
+        self.selectors: list[str] = []
+        self.lock = threading.Lock()
+
+    def _api_error(self, status):
+        from kubernetes.client.exceptions import ApiException
+
+        return ApiException(status=status, reason={404: "Not Found", 409: "AlreadyExists"}[status])
+
+    # CustomObjectsApi
+    def create_namespaced_custom_object(self, group, version, ns, plural, body):
+        self.calls.append(("create", group, version, plural, body["metadata"]["name"]))
+        key = (plural, ns, body["metadata"]["name"])
+        if key in self.objects:
+            raise self._api_error(409)
+        self.objects[key] = copy.deepcopy(body)
+
+    def get_namespaced_custom_object(self, group, version, ns, plural, name):
+        key = (plural, ns, name)
+        if key not in self.objects:
+            raise self._api_error(404)
+        with self.lock:
+            if self.statuses:
+                self.objects[key]["status"] = self.statuses.pop(0)
+        return copy.deepcopy(self.objects[key])
+
+    def delete_namespaced_custom_object(self, group, version, ns, plural, name, propagation_policy=None):
+        self.calls.append(("delete", group, version, plural, name))
+        if self.objects.pop((plural, ns, name), None) is None:
+            raise self._api_error(404)
+
+    # CoreV1Api
+    def list_namespaced_pod(self, ns, label_selector):
+        from types import SimpleNamespace as NS
+
+        self.selectors.append(label_selector)
+        pod = NS(metadata=NS(name="node-0"), status=NS(phase="Running"))
+        return NS(items=[pod])
+
+    def read_namespaced_pod_log(self, name, ns, container, follow, _preload_content):
+        from types import SimpleNamespace as NS
+
+        self.calls.append(("log", name, container))
+        return NS(stream=lambda: iter([self.log]))
+
+
+RUNNING = {"trainjob": {"jobsStatus": [{"name": "node", "active": 2}]},
+           "pytorchjob": {"conditions": [cond("Running", reason="PyTorchJobRunning")]}}
+DONE = {"trainjob": {"conditions": [cond("Complete", reason="JobSetCompleted")]},
+        "pytorchjob": {"conditions": [cond("Succeeded", reason="PyTorchJobSucceeded")]}}
+FAILED = {"trainjob": {"conditions": [cond("Failed", reason="FailedJobs", message="node-0 exited with code 1")]},
+          "pytorchjob": {"conditions": [cond("Failed", reason="PyTorchJobFailed", message="master-0 exited with code 1")]}}
+ENGINES = ["trainjob", "pytorchjob"]
+
+
+def _run(job, fake, **kw):
+    buf = io.StringIO()
+    kw = {"poll_s": 0, **kw}
+    try:
+        return launch.launch_job(job, apis=(fake, fake), out=buf, **kw), buf.getvalue()
+    except launch.JobFailed as e:
+        e.log = buf.getvalue()
+        raise
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_launch_creates_follows_to_success_streams_node0_and_deletes(engine):
+    job, e = _job(engine), launch.ENGINES[engine]
+    fake = FakeCluster([{}, RUNNING[engine], RUNNING[engine], DONE[engine]])
+    name, log = _run(job, fake)
+    assert name == job["metadata"]["name"]
+    assert fake.calls[0] == ("create", e.group, e.version, e.plural, name)
+    assert ("delete", e.group, e.version, e.plural, name) in fake.calls and not fake.objects  # not kept
+    assert f"{e.kind} team-a/{name}: Pending" in log and f"{e.kind} team-a/{name}: Running" in log
+    assert f"{e.kind} team-a/{name}: Succeeded" in log and f"deleted {e.kind} team-a/{name}" in log
+    # node 0's log reached the step's, read from the operator's container on node 0's pod
+    assert "step 1 loss 0.5" in log and ("log", "node-0", e.container) in fake.calls
+    assert fake.selectors[0] == e.node0.format(name=name)
+    if engine == "trainjob":
+        assert "batch.kubernetes.io/job-completion-index=0" in fake.selectors[0]
+        assert f"jobset.sigs.k8s.io/jobset-name={name}" in fake.selectors[0]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_retried_step_follows_its_running_job_instead_of_creating_a_second(engine):
+    job, e = _job(engine), launch.ENGINES[engine]
+    key = (e.plural, "team-a", job["metadata"]["name"])
+    fake = FakeCluster([RUNNING[engine], RUNNING[engine], DONE[engine]], existing={key: copy.deepcopy(job)})
+    _, log = _run(job, fake, keep=True)
+    assert [c[0] for c in fake.calls].count("create") == 1  # the 409, then no second job
+    assert "exists (Running): following it" in log
+    assert key in fake.objects and f"kept {e.kind}" in log and f"kubectl delete {e.plural}.{e.group}" in log
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_retried_step_replaces_its_failed_job(engine):
+    job, e = _job(engine), launch.ENGINES[engine]
+    key = (e.plural, "team-a", job["metadata"]["name"])
+    fake = FakeCluster([FAILED[engine], RUNNING[engine], DONE[engine]], existing={key: copy.deepcopy(job)})
+    _, log = _run(job, fake)
+    kinds = [c[0] for c in fake.calls if c[0] != "log"]
+    assert kinds[:3] == ["create", "delete", "create"]  # 409, delete the failed one, start again (it resumes)
+    assert "re-created" in log and "the previous one had failed" in log
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_failed_job_fails_the_step_with_its_reason(engine):
+    job = _job(engine)
+    fake = FakeCluster([RUNNING[engine], FAILED[engine]])
+    reason = r"failed: (FailedJobs|PyTorchJobFailed): (node|master)-0 exited with code 1"
+    with pytest.raises(launch.JobFailed, match=reason) as err:
+        _run(job, fake)
+    assert not fake.objects and "deleted" in err.value.log  # deleted unless asked to keep it
+    fake = FakeCluster([FAILED[engine]])
+    with pytest.raises(launch.JobFailed):
+        _run(job, fake, keep=True)
+    assert len(fake.objects) == 1  # kept: its pods' logs can still be read
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_job_that_does_not_finish_in_time_fails_the_step(engine):
+    job = _job(engine)
+    fake = FakeCluster([RUNNING[engine]] * 10_000)
+    with pytest.raises(launch.JobFailed, match=r"still Running after \d+ s"):
+        _run(job, fake, timeout_s=0.05, poll_s=0.01)
+    assert not fake.objects
+
+
+def test_launch_refuses_an_unknown_kind():
+    with pytest.raises(ValueError, match="batch/v1/Job is not a training job"):
+        launch.launch_job({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x", "namespace": "y"}},
+                          apis=(None, None))

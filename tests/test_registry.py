@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 from train_fixtures import prepared, run_train, train_cmd, train_env
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -197,6 +198,14 @@ def test_promote_resolve_and_deploy_a_reference(trained, stack, tmp_path, capsys
     assert served and all(p.read_bytes() == (registry.adapter_dir(v1) / ADAPTER_FILE).read_bytes() for p in served)
     config = (repo / "motioncharacter" / "config.pbtxt").read_text()
     assert 'key: "weights"' in config and 'key: "preset" value: { string_value: "" }' in config
+
+    # KServe: the alias decides which version's repository the InferenceService serves
+    manifest = tmp_path / "isvc.yaml"
+    assert main(["deploy", "--target", "kserve", "--model", f"models:/{NAME}@staging", "--model-repository",
+                 str(repo), "--manifest", str(manifest), "--canary-percent", "20"]) == 0
+    model = yaml.safe_load(manifest.read_text())["spec"]["predictor"]["model"]
+    assert model["storageUri"] == f"{repo}-kserve/v1"  # @staging is version 1
+    assert list((tmp_path / "repo-kserve" / "v1").rglob(f"adapter/{ADAPTER_FILE}"))
 
 
 def test_unknown_alias_is_a_clear_error(trained, stack, tmp_path, capsys):

@@ -30,3 +30,5 @@ create mlflow-db "POSTGRES_USER=mlflow" "POSTGRES_PASSWORD=$(rand 24)" "POSTGRES
 create mlflow-admin "MLFLOW_TRACKING_USERNAME=admin-$(rand 4)" "MLFLOW_TRACKING_PASSWORD=$(rand 24)" \
   "MLFLOW_FLASK_SERVER_SECRET_KEY=$(rand 32)"
 create mlflow-client "MLFLOW_TRACKING_USERNAME=motioncharacter" "MLFLOW_TRACKING_PASSWORD=$(rand 24)"
+# the key of Triton's restricted admin APIs (every Triton pod; `deploy --url` sends it)
+create triton-admin "MOTIONCHARACTER_TRITON_ADMIN_KEY=$(rand 24)"
