@@ -30,3 +30,6 @@ create mlflow-db "POSTGRES_USER=mlflow" "POSTGRES_PASSWORD=$(rand 24)" "POSTGRES
 create mlflow-admin "MLFLOW_TRACKING_USERNAME=admin-$(rand 4)" "MLFLOW_TRACKING_PASSWORD=$(rand 24)" \
   "MLFLOW_FLASK_SERVER_SECRET_KEY=$(rand 32)"
 create mlflow-client "MLFLOW_TRACKING_USERNAME=motioncharacter" "MLFLOW_TRACKING_PASSWORD=$(rand 24)"
+# the web page's login (k8s/components/ui), user:password; read it back with
+# kubectl -n NS get secret ui-auth -o jsonpath='{.data.MOTIONCHARACTER_UI_AUTH}' | base64 -d
+create ui-auth "MOTIONCHARACTER_UI_AUTH=motioncharacter:$(rand 16)"
