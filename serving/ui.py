@@ -116,9 +116,9 @@ def build(url: str, upload_dir: str, max_upload_bytes: int = 10_000_000):
                       motion_scale=float(motion_scale), negative_prompt=negative or "", face_index=int(face_index))
         return s, data, prompt or "", params, (0 if version in (None, "", "served") else int(version))
 
-    def done(out: "act.Outcome", what: str) -> str:
-        return (f"{what}: {out.frames} frames, {out.width}x{out.height}, seed {out.seed}, version {out.version}, "
-                f"{out.seconds:.1f} s")
+    def done(out: "act.Outcome", intensity: float) -> str:
+        return (f"Done: {out.frames} frames, {out.width}x{out.height}, intensity {intensity:g}, seed {out.seed}, "
+                f"version {out.version}, {out.seconds:.1f} s")
 
     def on_generate(*inputs, progress=gr.Progress()):
         try:
@@ -129,7 +129,7 @@ def build(url: str, upload_dir: str, max_upload_bytes: int = 10_000_000):
             return None, f"⚠️ {e}", None, "", ""
         path = Path(tempfile.mkdtemp(dir=upload_dir)) / f"motioncharacter-{out.seed}.mp4"
         path.write_bytes(out.video)
-        return (str(path), done(out, "Done"), out.seed, f"{s.model} version {out.version}",
+        return (str(path), done(out, params["intensity"]), out.seed, f"{s.model} version {out.version}",
                 f"{out.seconds:.1f} s")
 
     def on_sweep(*inputs, progress=gr.Progress()):
