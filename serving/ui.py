@@ -11,6 +11,9 @@ import argparse
 import logging
 import os
 import random
+import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -62,9 +65,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.concurrency < 1 or args.queue_size < 1 or args.max_upload_mb <= 0:
         raise UserError("--concurrency, --queue-size and --max-upload-mb must be positive")
     auth = _auth()
-    if args.host not in LOOPBACK:
-        log.warning("serving the page on %s: anyone who can reach it can generate on %s%s", args.host, args.url,
-                    "" if auth else f" without logging in (set {AUTH_ENV}=user:password)")
+    warning = host_warning(args.host, args.url, bool(auth))
+    if warning:
+        log.warning("%s", warning)
     # Uploads and results in a folder of this process's own; Gradio sends no telemetry.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     upload_dir = tempfile.mkdtemp(prefix="motioncharacter-ui-")
@@ -72,9 +75,22 @@ def _run(args: argparse.Namespace) -> int:
     demo = build(args.url, upload_dir, max_upload_bytes=int(args.max_upload_mb * 1e6))
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
     print(f"page for {args.url} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    demo.launch(server_name=args.host, server_port=args.port, auth=auth, max_file_size=int(args.max_upload_mb * 1e6),
-                share=False, show_error=False, ssr_mode=False, quiet=True, footer_links=[])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a pod's stop: clean up like Ctrl-C
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, auth=auth,
+                    max_file_size=int(args.max_upload_mb * 1e6), share=False, show_error=False, ssr_mode=False,
+                    quiet=True, footer_links=[])
+    finally:
+        shutil.rmtree(upload_dir, ignore_errors=True)  # uploaded photos and videos go with the page
     return 0
+
+
+def host_warning(host: str, url: str, auth: bool) -> str | None:
+    """What to tell the person starting the page on a non-loopback address (None on loopback)."""
+    if host in LOOPBACK:
+        return None
+    return (f"serving the page on {host}: anyone who can reach it can generate on {url}"
+            + ("" if auth else f" without logging in (set {AUTH_ENV}=user:password)"))
 
 
 def build(url: str, upload_dir: str, max_upload_bytes: int = 10_000_000):

@@ -111,6 +111,14 @@ def test_login_comes_from_the_environment_only(monkeypatch):
     assert "just-a-password" not in str(e.value)
 
 
+def test_only_loopback_is_quiet():
+    for host in ui.LOOPBACK:
+        assert ui.host_warning(host, "grpc://t:8001", auth=False) is None
+    open_page = ui.host_warning("0.0.0.0", "grpc://t:8001", auth=False)
+    assert "anyone who can reach it can generate on grpc://t:8001" in open_page and ui.AUTH_ENV in open_page
+    assert ui.AUTH_ENV not in ui.host_warning("0.0.0.0", "grpc://t:8001", auth=True)
+
+
 # --- the real page, in a real browser, over a real server ---------------------------------------
 
 def _free_port() -> int:
