@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "motioncharacter.components.prepare.cli",
     "motioncharacter.components.train.cli",
     "motioncharacter.serving.cli",
+    "motioncharacter.serving.ui",
     "motioncharacter.pipelines.cli",
     "motioncharacter.model.cli",
     "motioncharacter.model.weights",

@@ -49,6 +49,13 @@ class Progress:
 class Result:
     frames: np.ndarray          # (F, H, W, 3) uint8 RGB
     video: bytes | None = None  # mp4, when requested
+    version: str = ""           # the model version that answered (Triton's response says)
+
+
+def _answered_version(result) -> str:
+    """The model_version of an inference response (HTTP: a dict; gRPC: a protobuf message)."""
+    response = result.get_response()
+    return str(response.get("model_version", "") if isinstance(response, dict) else response.model_version)
 
 
 # Failures before the server accepted the request: retrying is safe and may succeed.
@@ -263,7 +270,8 @@ class MotionCharacterClient:
             self.model, inputs, model_version=self.version, outputs=outputs, **self._kw()))
         batched = self._is_batched(self.model)
         vid = self._unbatch(res, "video", batched) if video else None
-        return Result(frames=self._unbatch(res, "frames", batched), video=bytes(vid[0]) if vid is not None else None)
+        return Result(frames=self._unbatch(res, "frames", batched), video=bytes(vid[0]) if vid is not None else None,
+                      version=_answered_version(res))
 
     def stream(self, image, prompt: str, *, video: bool = True, **params) -> Iterator[Progress | Result]:
         """Yield Progress(step, total) per denoising step, then the Result (gRPC only).
@@ -301,7 +309,8 @@ class MotionCharacterClient:
                     continue
                 vid = self._unbatch(result, "video", batched) if video else None
                 finished = True
-                yield Result(frames=frames, video=bytes(vid[0]) if vid is not None else None)
+                yield Result(frames=frames, video=bytes(vid[0]) if vid is not None else None,
+                             version=_answered_version(result))
                 return
         finally:
             # Closing the stream before the server stops keeps its shutdown from hanging; an

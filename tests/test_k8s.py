@@ -457,6 +457,108 @@ def test_trainjob(overlay):
     assert set(env(c)) - {"DS_ACCELERATOR"} <= set(env(mpod["containers"][0]))
 
 
+# --- the web page (k8s/components/ui) -------------------------------------------------------
+
+# Pod Security Standards, "restricted" profile (kubernetes.io/docs/concepts/security/pod-security-standards)
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def restricted_problems(spec: dict) -> list[str]:
+    """What in a pod spec breaks the restricted profile (empty: it passes)."""
+    problems = [f"spec.{k}" for k in ("hostNetwork", "hostPID", "hostIPC") if spec.get(k)]
+    problems += [f"volume {v['name']}" for v in spec.get("volumes", []) if not set(v) - {"name"} <= RESTRICTED_VOLUMES]
+    pod_sc = spec.get("securityContext", {})
+    for c in containers(spec):
+        sc = c.get("securityContext", {})
+        name = c["name"]
+        if sc.get("privileged"):
+            problems.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation must be false")
+        if sc.get("capabilities", {}).get("drop") != ["ALL"] or set(sc.get("capabilities", {}).get("add", [])) - {
+                "NET_BIND_SERVICE"}:
+            problems.append(f"{name}: capabilities must drop ALL and add at most NET_BIND_SERVICE")
+        if not sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")):
+            problems.append(f"{name}: runAsNonRoot")
+        if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+            problems.append(f"{name}: runAsUser 0")
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: seccompProfile RuntimeDefault or Localhost")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            problems.append(f"{name}: hostPort")
+    return problems
+
+
+def test_restricted_check_catches_each_rule():
+    spec = find(rendered("overlays/local"), "Deployment", "motioncharacter-ui")["spec"]["template"]["spec"]
+    assert restricted_problems(spec) == []
+    bad = copy.deepcopy(spec)
+    del bad["securityContext"]["seccompProfile"], bad["containers"][0]["securityContext"]["seccompProfile"]
+    bad["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True, capabilities={"add": ["SYS_ADMIN"]})
+    bad["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    bad["hostNetwork"] = True
+    assert len(restricted_problems(bad)) == 5, restricted_problems(bad)
+
+
+def test_ui_is_on_in_the_local_overlay_only():
+    names = {(d["kind"], d["metadata"]["name"]) for d in rendered("overlays/local")}
+    ui = {("Deployment", "motioncharacter-ui"), ("Service", "motioncharacter-ui"),
+          ("NetworkPolicy", "motioncharacter-ui")}
+    assert ui <= names
+    production = {(d["kind"], d["metadata"]["name"]) for d in rendered("overlays/production")}
+    assert not ui & production and not [n for _, n in production if "ui" in n.split("-")]
+
+
+def test_ui_runs_the_page_against_the_triton_service_restricted_and_behind_a_login():
+    from motioncharacter.cli import build_parser
+    from motioncharacter.serving import ui
+
+    docs = rendered("overlays/local")
+    deploy = find(docs, "Deployment", "motioncharacter-ui")
+    spec = deploy["spec"]["template"]["spec"]
+    assert restricted_problems(spec) == []
+    (c,) = spec["containers"]
+    assert c["image"] == f"{PROJECT_IMAGE}:0.1.0"
+    # the arguments are the real command's (renaming a flag breaks this, not the pod)
+    args = build_parser().parse_args([*c["command"][1:], *c["args"]])
+    assert c["command"] == ["motioncharacter"] and args.func is ui._run
+    triton = find(docs, "Service", "triton")
+    grpc = next(p["port"] for p in triton["spec"]["ports"] if p["name"] == "grpc")
+    assert args.url == f"grpc://triton.motioncharacter.svc.cluster.local:{grpc}"
+    port = next(p["containerPort"] for p in c["ports"] if p["name"] == "http")
+    assert args.host == "0.0.0.0" and args.port == port and args.concurrency >= 1 and args.queue_size >= 1
+    assert env(c)[ui.AUTH_ENV]["valueFrom"]["secretKeyRef"] == {"name": "ui-auth", "key": ui.AUTH_ENV}
+    assert "emptyDir" in volume(spec, "tmp") and mount_path(c, "tmp") == "/tmp"  # uploads, read-only root
+    svc = find(docs, "Service", "motioncharacter-ui")
+    assert svc["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"]
+
+
+def test_ui_network_policy_lets_in_only_its_clients_and_out_only_to_triton_and_dns():
+    docs = rendered("overlays/local")
+    labels = find(docs, "Deployment", "motioncharacter-ui")["spec"]["template"]["metadata"]["labels"]
+    policy = find(docs, "NetworkPolicy", "motioncharacter-ui")
+    assert _selects(policy["spec"]["podSelector"], labels)
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 7860}]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"motioncharacter.io/ui-client": "true"}}}]
+    to_triton, to_dns = policy["spec"]["egress"]
+    triton_labels = find(docs, "Deployment", "triton")["spec"]["template"]["metadata"]["labels"]
+    (peer,) = to_triton["to"]
+    assert set(peer) == {"podSelector"} and _selects(peer["podSelector"], triton_labels)
+    assert {p["port"] for p in to_triton["ports"]} == {8000, 8001}
+    assert {p["port"] for p in to_dns["ports"]} == {53}
+    assert to_dns["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+    # and Triton's own policy lets the page in on gRPC
+    triton_policy = find(docs, "NetworkPolicy", "triton-clients-and-metrics")
+    assert any(8001 in {p["port"] for p in r["ports"]} and any(
+        f.get("podSelector") == {} or _selects(f.get("podSelector", {"matchLabels": {"x": "y"}}), labels)
+        for f in r["from"]) for r in triton_policy["spec"]["ingress"])
+
+
 # --- security properties across every workload ------------------------------------------
 
 @pytest.mark.parametrize("overlay", SERVICE_OVERLAYS + TRAINING_OVERLAYS)
@@ -468,6 +570,8 @@ def test_every_pod_is_non_root_and_locked_down(overlay):
         assert spec["securityContext"]["runAsNonRoot"] is True, owner
         assert spec["securityContext"]["runAsUser"] != 0, owner
         assert spec.get("automountServiceAccountToken") is False, owner
+        # what the namespace's warn/audit labels hold every pod to (k8s/base/namespace.yaml)
+        assert restricted_problems(spec) == [], owner
         for c in containers(spec):
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False, owner
@@ -490,7 +594,7 @@ def _secret_templates() -> dict[str, dict]:
 def test_secret_templates_hold_only_placeholders():
     templates = _secret_templates()
     assert set(templates) == {*WORKLOAD_SECRETS.values(), "minio-root", "mlflow-db", "mlflow-admin", "mlflow-client",
-                              "triton-admin"}
+                              "triton-admin", "ui-auth"}
     for name, doc in templates.items():
         assert doc["kind"] == "Secret" and "data" not in doc, name
         assert doc["metadata"]["annotations"]["motioncharacter.io/template"] == "true"
@@ -557,7 +661,7 @@ EXPECTED_SECRETS = {
     "StatefulSet/mlflow-postgres": {"mlflow-db"},
     "Deployment/mlflow": {"mlflow-db", "s3-mlflow", "mlflow-admin"},
     "Job/mlflow-setup": {"mlflow-admin", "mlflow-client"},
-    "Deployment/triton": {"s3-triton", "triton-admin"},
+                              "triton-admin", "ui-auth"}
     "PyTorchJob/motioncharacter-train/Master": {"s3-training", "mlflow-client"},
     "PyTorchJob/motioncharacter-train/Worker": {"s3-training", "mlflow-client"},
     "TrainJob/motioncharacter-train/node": {"s3-training", "mlflow-client"},

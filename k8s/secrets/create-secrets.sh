@@ -32,3 +32,6 @@ create mlflow-admin "MLFLOW_TRACKING_USERNAME=admin-$(rand 4)" "MLFLOW_TRACKING_
 create mlflow-client "MLFLOW_TRACKING_USERNAME=motioncharacter" "MLFLOW_TRACKING_PASSWORD=$(rand 24)"
 # the key of Triton's restricted admin APIs (every Triton pod; `deploy --url` sends it)
 create triton-admin "MOTIONCHARACTER_TRITON_ADMIN_KEY=$(rand 24)"
+# the web page's login (k8s/components/ui), user:password; read it back with
+# kubectl -n NS get secret ui-auth -o jsonpath='{.data.MOTIONCHARACTER_UI_AUTH}' | base64 -d
+create ui-auth "MOTIONCHARACTER_UI_AUTH=motioncharacter:$(rand 16)"
