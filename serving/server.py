@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from .. import storage
-from ..stack import free_port, pid_alive  # noqa: F401 (free_port: one helper for every loopback service)
+from ..stack import free_port, pid_alive, port_free  # noqa: F401 (free_port: one helper for every loopback service)
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,15 @@ def triton_repository_uri(uri: str) -> str:
     return f"s3://{hostport}/{uri[len('s3://'):]}"
 
 
+PORT_TRIES = 3
+
+
+def _port_clash(error: str) -> bool:
+    """The server's start failed because an address was taken (as tritonserver logs it)."""
+    text = error.lower()
+    return "already in use" in text or "address in use" in text
+
+
 class TritonServer:
     """A tritonserver child process; use as a context manager or call start()/stop()."""
 
@@ -153,6 +162,9 @@ class TritonServer:
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
+        # ports picked here (None given): picked again when another program takes one before the start
+        self._picked = tuple(n for n, v in (("http", http_port), ("grpc", grpc_port), ("metrics", metrics_port))
+                             if not v)
         self.host = host
         self.log_file = Path(log_file) if log_file else None
         self.log_verbose = log_verbose
@@ -206,6 +218,26 @@ class TritonServer:
         ]
 
     def start(self, wait: bool = True, timeout_s: float = 180.0) -> "TritonServer":
+        """Start the server (and wait until it is ready). A port this server picked itself that
+        another program took meanwhile is picked again, before the start and, if the server fails
+        to bind it, for up to PORT_TRIES starts."""
+        for attempt in range(1, PORT_TRIES + 1):
+            for name in self._picked:
+                if not port_free(getattr(self, f"{name}_port")):
+                    setattr(self, f"{name}_port", free_port())
+            try:
+                return self._start(wait, timeout_s)
+            except ServerError as e:
+                taken = [n for n in self._picked if not port_free(getattr(self, f"{n}_port"))]
+                if attempt == PORT_TRIES or not self._picked or not (taken or _port_clash(str(e))):
+                    raise
+                log.warning("tritonserver could not bind a picked port; picking new ports (try %d of %d)",
+                            attempt + 1, PORT_TRIES)
+                for name in self._picked:
+                    setattr(self, f"{name}_port", free_port())
+        raise AssertionError("unreachable")
+
+    def _start(self, wait: bool, timeout_s: float) -> "TritonServer":
         if self.proc and self.proc.poll() is None:
             return self
         out = None

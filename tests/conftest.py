@@ -64,6 +64,20 @@ def stack(stack_services, monkeypatch):
     mlflow.set_tracking_uri(stack_services.mlflow_uri)
     mlflow.set_experiment("Default")  # and so is the active experiment, whose id belongs to that store
     yield stack_services
+    restore_mlflow_globals()
+
+
+def restore_mlflow_globals() -> None:
+    """MLflow's process-global tracking URI and active experiment back to "unset": the next test reads
+    MLFLOW_TRACKING_URI again (the session's own sqlite store unless it sets another)."""
+    import mlflow
+
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    from mlflow.tracking import fluent
+
+    fluent._active_experiment_id = None
 
 
 @pytest.fixture(scope="session")

@@ -84,10 +84,44 @@ def test_cache_interval_skips_the_deep_blocks(baseline):
     assert np.abs(frames.astype(int) - baseline).mean() < 20  # an approximation, not another video
 
 
+def _first_ff(unet):
+    """A spatial transformer block's feed-forward layer (diffusers' FeedForward)."""
+    return next(m.ff for n, m in unet.named_modules()
+                if type(m).__name__ == "BasicTransformerBlock" and "motion_modules" not in n)
+
+
+# option -> (the module whose inputs show the option at work, the size that input has: off, on)
+ENGAGED = {
+    "vae_slicing": (lambda p: p.vae.decoder, lambda a: a[0].shape[0], (REQ["frames"], 1)),  # frames per decode
+    "ff_chunking": (lambda p: _first_ff(p.unet), lambda a: a[0].shape[1], (None, 1)),  # tokens per ff call
+}
+
+
 @pytest.mark.parametrize("option", ["split_guidance", "vae_slicing", "ff_chunking"])
 def test_memory_options_keep_the_output(baseline, option):
     frames = _gen(**{option: True})
     assert np.abs(frames.astype(int) - baseline).max() <= 1
+
+
+@pytest.mark.parametrize("option", sorted(ENGAGED))
+def test_memory_options_engage(option):
+    """Equal output alone would pass with the option ignored: each option must change what its layer
+    receives (one frame per VAE decode; one token per feed-forward call)."""
+    from motioncharacter.model.inference import generate
+
+    module, size, (off, on) = ENGAGED[option]
+    seen = {}
+    for enabled in (False, True):
+        pipe = _pipe(**{option: enabled})
+        sizes = seen[enabled] = []
+        hook = module(pipe).register_forward_pre_hook(lambda m, a: sizes.append(size(a)))
+        try:
+            generate(pipe, image=face_image(), **{**REQ, "steps": 1})
+        finally:
+            hook.remove()
+    assert seen[False] and seen[True]
+    assert set(seen[True]) == {on}, f"{option} on: the layer saw sizes {sorted(set(seen[True]))}"
+    assert off is None and max(seen[False]) > on or set(seen[False]) == {off}
 
 
 def _rows_seen(pipe, modules, req=REQ):
@@ -136,6 +170,9 @@ def test_split_frames_implies_split_guidance():
     pipe = _pipe(split_frames=2)
     frames, batches = _rows_seen(pipe, [pipe.unet.conv_in])
     assert batches == [REQ["frames"]] * (2 * REQ["steps"])
+    # the option itself reaches the spatial layers: 2 frames per call (not the 4 of the video)
+    spatial = [pipe.unet.down_blocks[0].resnets[0].norm1, pipe.unet.down_blocks[1].attentions[0].proj_in]
+    assert set(_rows_seen(pipe, spatial)[1]) == {2}
     assert np.abs(frames.astype(int) - _gen(split_guidance=True)).max() <= 1
 
 

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # four generation configurations and a train step in subprocesses
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -55,12 +55,24 @@ def test_evaluate_logs_to_mlflow_and_compare(stack, portraits, tmp_path, capsys)
     assert summary["scored"] == 3 and summary["prompt_bank_version"] == "1"
     m = summary["metrics"]
     assert m["clip_t"] == {"value": None, "reason": "no CLIP weights supplied (--clip-weights)"}
-    assert 0.0 <= m["dynamic_degree_dis"]["value"] <= 1.0
-    assert m["motion_smoothness_flowinterp"]["value"] <= 1.0
-    assert m["intensity_spearman"]["value"] is not None or m["intensity_spearman"]["reason"]
     rows = [json.loads(x) for x in storage.read_bytes(f"{out_uri}/results.jsonl").decode().splitlines()]
     assert sorted(r["intensity"] for r in rows) == [0.0, 10.0, 20.0]
     assert all(np.isfinite(r["metrics"]["intensity"]["value"]) for r in rows)
+    # the summary is the rows' aggregate: per-video means, and the intensity adherence by hand
+    for key in ("dynamic_degree_dis", "motion_smoothness_flowinterp"):
+        per_video = [r["metrics"][key]["value"] for r in rows]
+        assert m[key]["value"] == pytest.approx(np.mean(per_video)) and m[key]["n"] == 3
+    assert 0.0 <= m["dynamic_degree_dis"]["value"] <= 1.0 and m["motion_smoothness_flowinterp"]["value"] <= 1.0
+    req = np.array([r["intensity"] for r in rows])
+    meas = np.array([r["metrics"]["intensity"]["value"] for r in rows])
+    assert m["intensity_mae"]["value"] == pytest.approx(np.abs(meas - req).mean())
+    if np.ptp(meas) == 0:
+        assert m["intensity_spearman"] == {"value": None, "reason": "measured intensity is the same for every video"}
+    else:  # Spearman's rho: Pearson's r of the ranks (ties get their mean rank)
+        from scipy.stats import rankdata
+
+        rho = np.corrcoef(rankdata(req), rankdata(meas))[0, 1]
+        assert m["intensity_spearman"]["value"] == pytest.approx(rho) and m["intensity_spearman"]["n"] == 3
 
     # the MLflow run: metrics (never a number for an absent metric), reasons as tags, table, GIFs
     client = MlflowClient(stack.mlflow_uri)

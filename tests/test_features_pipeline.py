@@ -61,10 +61,21 @@ def test_pose_keypoints_and_depth_video_with_scales(pipe, faces):
         _gen(pipe, a, depth_video=depth[:4])
 
 
+def _differ(x, y) -> bool:
+    return np.abs(x.astype(int) - y.astype(int)).mean() > 0.1
+
+
 def test_sparsectrl_keyframes_with_motioncharacter(pipe, faces):
+    """The keyframes, their frame indices and their scale each reach the video (the tiny SparseCtrl's
+    zero convolutions are random, so a connected keyframe shows)."""
     a, b = faces
+    none = _gen(pipe, a)
     out = _gen(pipe, a, sparse_images=[a, b], sparse_frames=[0, 7])
     assert out.shape == (8, 64, 64, 3)
+    assert _differ(out, none)  # the keyframes are used...
+    assert _differ(out, _gen(pipe, a, sparse_images=[b, a], sparse_frames=[0, 7]))  # ...which image...
+    assert _differ(out, _gen(pipe, a, sparse_images=[a, b], sparse_frames=[0, 3]))  # ...on which frame
+    assert np.array_equal(_gen(pipe, a, sparse_images=[a, b], sparse_frames=[0, 7], sparse_scale=0.0), none)
 
 
 def test_long_video_through_sliding_windows(pipe, faces):
@@ -72,6 +83,11 @@ def test_long_video_through_sliding_windows(pipe, faces):
     out = _gen(pipe, a, frames=16, context_length=8, context_stride=4)
     assert out.shape == (16, 64, 64, 3)
     assert not pipe.free_noise_enabled  # switched off again after the call
+    # the windows shape the video: 16 frames in one window (the training length) is another video,
+    # and so is another stride; the same request repeats exactly
+    assert _differ(out, _gen(pipe, a, frames=16))
+    assert _differ(out, _gen(pipe, a, frames=16, context_length=8, context_stride=2))
+    assert np.array_equal(out, _gen(pipe, a, frames=16, context_length=8, context_stride=4))
     with pytest.raises(ValueError, match="context_length must be"):
         _gen(pipe, a, frames=16, context_length=64)
 

@@ -59,6 +59,15 @@ def test_intensity_and_motion_scale_change_the_video(pipe):
     assert np.abs(high - _gen(pipe, intensity=18.0, motion_scale=2.0)).mean() > 0.5
 
 
+def test_id_scale_changes_the_video(pipe):
+    """lambda (eq. 3) through ``generate``: the plain path and the feature path (frames beyond the
+    training length: sliding windows). The adapter is non-zero, so a dropped id_scale shows."""
+    for frames in (REQ["frames"], 20):
+        full, off = _gen(pipe, intensity=8.0, frames=frames), _gen(pipe, intensity=8.0, frames=frames, id_scale=0.0)
+        assert np.abs(full - off).mean() > 0.5, f"{frames} frames: id_scale=0 gave the id_scale=1 video"
+        assert np.abs(full - _gen(pipe, intensity=8.0, frames=frames, id_scale=0.5)).mean() > 0.1
+
+
 def _cli_video(weights, tmp_path, name, *extra):
     from PIL import Image
 
@@ -83,6 +92,8 @@ def test_cli_intensity_and_motion_scale_change_the_video(weights, tmp_path):
     off = _cli_video(weights, tmp_path, "off", "--intensity", "18", "--motion-scale", "0")
     assert np.abs(low - high).mean() > 0.5
     assert np.abs(high - off).mean() > 0.5
+    no_id = _cli_video(weights, tmp_path, "no-id", "--intensity", "18", "--id-scale", "0")
+    assert np.abs(high - no_id).mean() > 0.5  # --id-scale reaches the model
 
 
 @pytest.mark.services

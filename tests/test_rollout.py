@@ -30,6 +30,25 @@ DEPLOY_TINY = ["--preset", "tiny", "--max-batch-size", "2", "--max-frames", "8",
 SMALL = dict(steps=1, frames=2, height=64, width=64, seed=3)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def restored_repository(triton):
+    """The session server's repository as these tests found it, afterwards: the versions they added
+    (the broken one included) removed and both configs back, so no other test sees their leftovers.
+    The server keeps serving the version the rollback returned to, which is the one it served before."""
+    import shutil
+
+    repo = Path(triton.repository)
+    configs = {m: (repo / m / "config.pbtxt").read_text() for m in (MODEL, STREAM_MODEL)}
+    before, served = set(versions(str(repo))), served_version(str(repo))
+    yield
+    assert served_version(str(repo)) == served, "a rollout test left another version served"
+    for v in set(versions(str(repo))) - before:
+        for m in (MODEL, STREAM_MODEL):
+            shutil.rmtree(repo / m / str(v), ignore_errors=True)
+    for m, text in configs.items():
+        (repo / m / "config.pbtxt").write_text(text)
+
+
 class Traffic:
     """A thread sending small requests back to back (no retries) until the block ends."""
 

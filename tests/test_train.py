@@ -7,12 +7,11 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
 import torch
-from train_fixtures import latest, losses, prepared, run_train, train_cmd, train_env
+from train_fixtures import latest, losses, prepared, run_train, stop_at, train_cmd, train_env, wait_stopped
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -69,14 +68,16 @@ def test_refuses_to_overwrite_checkpoints_without_resume(prep, baseline, tmp_pat
 def test_sigkill_then_resume_repeats_the_losses(prep, baseline, tmp_path):
     out, env = tmp_path / "out", train_env(tmp_path)
     cmd = train_cmd(prep / "manifest.jsonl", out, STEPS, "--set", "train.checkpoint_every=2")
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the run stops itself right after checkpoint 2 is marked latest: the kill lands there, every time
+    p = subprocess.Popen(cmd, env=env | stop_at(tmp_path, "checkpoint", 1), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 600
-        while latest(out) is None and p.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
+        wait_stopped(p)
         p.send_signal(signal.SIGKILL)
     finally:
+        p.kill()
         p.wait(60)
+    assert p.returncode == -signal.SIGKILL
     ck = latest(out)
     assert ck == "step-00000002", f"expected to kill after the first checkpoint, found {ck}"
     rc, log = run_train(cmd + ["--resume"], env)
@@ -95,24 +96,23 @@ def test_sigkill_then_resume_repeats_the_losses(prep, baseline, tmp_path):
 def test_sigterm_saves_a_checkpoint_then_resumes(prep, baseline, tmp_path):
     out, env = tmp_path / "out", train_env(tmp_path)
     cmd = train_cmd(prep / "manifest.jsonl", out, 50, "--set", "train.checkpoint_every=100")
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the run stops itself once step 1 is logged; SIGTERM arrives there, the step's own check sees it
+    p = subprocess.Popen(cmd, env=env | stop_at(tmp_path, "step", 1), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 600
-        while not ((out / "steps.jsonl").is_file() and (out / "steps.jsonl").read_text().strip()) \
-                and p.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
+        wait_stopped(p)
         p.send_signal(signal.SIGTERM)
+        p.send_signal(signal.SIGCONT)
         log = p.communicate(timeout=300)[0]
     finally:
         p.kill()
     assert p.returncode == 143, log[-3000:]
-    last = max(losses(out))
-    assert latest(out) == f"step-{last:08d}" and last < 50  # saved although checkpoint_every is 100
-    if last < STEPS:  # and the checkpoint resumes to the uninterrupted run's losses
-        rc, log = run_train(train_cmd(prep / "manifest.jsonl", out, STEPS, "--resume"), env)
-        assert rc == 0, log[-3000:]
-        assert [losses(out)[s] for s in range(last + 1, STEPS + 1)] == \
-            [losses(baseline)[s] for s in range(last + 1, STEPS + 1)]
+    assert max(losses(out)) == 1
+    assert latest(out) == "step-00000001"  # saved although checkpoint_every is 100
+    # and the checkpoint resumes to the uninterrupted run's losses
+    rc, log = run_train(train_cmd(prep / "manifest.jsonl", out, STEPS, "--resume"), env)
+    assert rc == 0, log[-3000:]
+    assert [losses(out)[s] for s in range(2, STEPS + 1)] == [losses(baseline)[s] for s in range(2, STEPS + 1)]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(prep, baseline, tmp_path):

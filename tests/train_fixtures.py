@@ -73,3 +73,59 @@ def losses(out: Path) -> dict[int, float]:
 def latest(out: Path) -> str | None:
     f = out / "checkpoints" / "latest"
     return f.read_text().strip() if f.is_file() else None
+
+
+# A training subprocess that stops itself (SIGSTOP) at a named point, so a test can signal it at an
+# exact step instead of racing it, or that refuses to reach a named function: a sitecustomize module
+# on the child's PYTHONPATH wraps the point (the product's code is unchanged).
+_HOOK = '''
+import os, signal, sys
+from motioncharacter.components.train import checkpoint as _ck, trainer as _tr
+_POINTS = {"checkpoint": (_ck, "mark_latest"), "step": (_tr._Tracker, "step"), "build_parts": (_tr, "build_parts")}
+if os.environ.get("MC_TEST_STOP_AT"):
+    _where, _after = os.environ["MC_TEST_STOP_AT"].split(":")
+    _owner, _name = _POINTS[_where]
+    _orig, _calls = getattr(_owner, _name), [0]
+    def _stopping(*a, **kw):
+        out = _orig(*a, **kw)
+        _calls[0] += 1
+        if _calls[0] == int(_after):
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return out
+    setattr(_owner, _name, _stopping)
+if os.environ.get("MC_TEST_FORBID"):
+    _fowner, _fname = _POINTS[os.environ["MC_TEST_FORBID"]]
+    def _forbidden(*a, **kw):
+        sys.stderr.write("TEST HOOK: forbidden call " + _fname + "\\n")
+        os._exit(99)
+    setattr(_fowner, _fname, _forbidden)
+'''
+
+
+def _hook_env(tmp: Path, **values: str) -> dict[str, str]:
+    hook = tmp / "train-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(_HOOK)
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, **values}
+
+
+def stop_at(tmp: Path, where: str, after: int) -> dict[str, str]:
+    """Environment additions making a (single-process) training stop itself right after the
+    ``after``-th checkpoint is marked latest (``where="checkpoint"``) or the ``after``-th step is
+    logged (``"step"``); wait for it with ``wait_stopped``."""
+    return _hook_env(tmp, MC_TEST_STOP_AT=f"{where}:{after}")
+
+
+def forbid(tmp: Path, what: str) -> dict[str, str]:
+    """Environment additions making a training exit 99 if it reaches ``what`` ("build_parts": the
+    model is built), printing "TEST HOOK: forbidden call"."""
+    return _hook_env(tmp, MC_TEST_FORBID=what)
+
+
+def wait_stopped(proc: subprocess.Popen) -> None:
+    """Until ``proc`` stops itself (SIGSTOP); AssertionError if it exits instead."""
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        raise AssertionError(f"training exited ({proc.returncode}) before reaching its stop point")
