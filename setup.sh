@@ -17,4 +17,11 @@ if .venv/bin/python -m pip show -q opencv-python 2>/dev/null; then  # a venv mad
   .venv/bin/python -m pip uninstall -q -y opencv-python
   .venv/bin/python -m pip install -q --force-reinstall --no-deps -c requirements.lock opencv-python-headless
 fi
+# DeepSpeed compiles its CPU Adam op with g++ on first use (35-65 s): once here, into the cache every
+# later training run (and test) finds, instead of inside whichever test trains first.
+# SKIP_DS_OP_BUILD=1 skips it (the first training then builds it).
+if [ -z "${SKIP_DS_OP_BUILD:-}" ]; then
+  DS_ACCELERATOR=cpu .venv/bin/python -c 'from deepspeed.ops.op_builder.cpu import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)' \
+    >/dev/null || echo "setup: DeepSpeed's CPU Adam op did not build here; the first training will try again" >&2
+fi
 echo "ready: $(.venv/bin/motioncharacter --version 2>/dev/null || echo motioncharacter) in ./.venv"

@@ -5,6 +5,7 @@ Imported by tests/test_serving.py (kept out of conftest.py, which other suites o
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,24 @@ def tiny_pipe():
     from motioncharacter.model import inference
 
     return inference, inference.load_pipeline(preset="tiny")
+
+
+@contextmanager
+def repository_restored(server):
+    """For a test that deploys to the session's server: afterwards its repository is as the test found
+    it (the versions the test added removed, both configs back), so no other test sees its leftovers.
+    The test must leave the server serving the version it served before (a rollback does)."""
+    import shutil
+
+    from motioncharacter.serving.repository import MODEL, STREAM_MODEL, served_version, versions
+
+    repo = Path(server.repository)
+    configs = {m: (repo / m / "config.pbtxt").read_text() for m in (MODEL, STREAM_MODEL)}
+    before, served = set(versions(str(repo))), served_version(str(repo))
+    yield
+    assert served_version(str(repo)) == served, "the test left another version served"
+    for v in set(versions(str(repo))) - before:
+        for m in (MODEL, STREAM_MODEL):
+            shutil.rmtree(repo / m / str(v), ignore_errors=True)
+    for m, text in configs.items():
+        (repo / m / "config.pbtxt").write_text(text)

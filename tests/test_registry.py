@@ -220,3 +220,37 @@ def test_unknown_alias_is_a_clear_error(trained, stack, tmp_path, capsys):
     assert "no registered model 'no-such-model-here'" in capsys.readouterr().err
     assert main(["registry", "show", "models:/x/y/z"]) == 1
     assert "not a registry reference" in capsys.readouterr().err
+
+
+def test_champion_deploys_to_a_running_triton_and_rolls_back(trained, stack, triton, monkeypatch, capsys):
+    """Registry to Triton: each champion in turn is deployed by reference to the session's running
+    server, which then serves exactly that version's adapter; a rollback serves the earlier champion."""
+    from motioncharacter import registry
+    from motioncharacter.cli import main
+    from motioncharacter.serving.client import MotionCharacterClient
+    from motioncharacter.serving.repository import MODEL, served_version
+    from motioncharacter.serving.server import ADMIN_KEY_ENV
+    from serving_fixtures import PROMPT, face_image, repository_restored
+
+    repo, url = triton.repository, triton.http_url
+    monkeypatch.setenv(ADMIN_KEY_ENV, triton.admin_key)
+    small = dict(steps=1, frames=2, height=64, width=64, seed=3)
+    with repository_restored(triton), MotionCharacterClient(url, timeout_s=300) as c:
+        original, deployed = served_version(repo), {}
+        for n in (1, 2):
+            assert main(["registry", "promote", NAME, str(n)]) == 0
+            assert main(["deploy", "--model", f"models:/{NAME}@champion", "--model-repository", repo,
+                         "--url", url]) == 0
+            assert f"is models:/{NAME}/{n}" in capsys.readouterr().out
+            deployed[n] = served_version(repo)
+            c.check_version(deployed[n])  # loaded, ready, and the only version served
+            want = (registry.adapter_dir(registry.resolve(f"models:/{NAME}/{n}")) / ADAPTER_FILE).read_bytes()
+            files = list((Path(repo) / MODEL / str(deployed[n])).rglob(f"adapter/{ADAPTER_FILE}"))
+            assert files and all(f.read_bytes() == want for f in files), f"version {deployed[n]}: not {NAME}/{n}"
+            assert c.generate(face_image(), PROMPT, **small).frames.shape == (2, 64, 64, 3)
+        assert deployed[2] == deployed[1] + 1 and deployed[1] == original + 1
+        assert main(["deploy", "--rollback", "--model-repository", repo, "--url", url]) == 0
+        c.check_version(deployed[1])  # the earlier champion again
+        assert main(["deploy", "--rollback", "--model-repository", repo, "--url", url, "--version",
+                     str(original)]) == 0
+        c.check_version(original)  # and the session's own version, as the other tests expect

@@ -19,7 +19,7 @@ from motioncharacter.serving.repository import (MODEL, STREAM_MODEL, DeployOptio
 from motioncharacter.serving.request_args import Limits
 from motioncharacter.serving.server import ADMIN_KEY_ENV
 
-from serving_fixtures import PROMPT, face_image  # `triton`, the session's one server: conftest.py
+from serving_fixtures import PROMPT, face_image, repository_restored  # `triton`, the session's one server: conftest.py
 
 pytestmark = pytest.mark.services
 
@@ -32,21 +32,9 @@ SMALL = dict(steps=1, frames=2, height=64, width=64, seed=3)
 
 @pytest.fixture(scope="module", autouse=True)
 def restored_repository(triton):
-    """The session server's repository as these tests found it, afterwards: the versions they added
-    (the broken one included) removed and both configs back, so no other test sees their leftovers.
-    The server keeps serving the version the rollback returned to, which is the one it served before."""
-    import shutil
-
-    repo = Path(triton.repository)
-    configs = {m: (repo / m / "config.pbtxt").read_text() for m in (MODEL, STREAM_MODEL)}
-    before, served = set(versions(str(repo))), served_version(str(repo))
-    yield
-    assert served_version(str(repo)) == served, "a rollout test left another version served"
-    for v in set(versions(str(repo))) - before:
-        for m in (MODEL, STREAM_MODEL):
-            shutil.rmtree(repo / m / str(v), ignore_errors=True)
-    for m, text in configs.items():
-        (repo / m / "config.pbtxt").write_text(text)
+    """These tests deploy to the session's server: its repository is put back afterwards."""
+    with repository_restored(triton):
+        yield
 
 
 class Traffic:
