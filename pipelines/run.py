@@ -60,7 +60,16 @@ def submit(host: str, params: dict, experiment: str = "motioncharacter", namespa
 
     from .pipeline import motioncharacter_pipeline
 
-    client = kfp.Client(host=host, namespace=namespace)
-    run = client.create_run_from_pipeline_func(motioncharacter_pipeline, arguments=params,
-                                               experiment_name=experiment, enable_caching=True)
+    from motioncharacter.faults import is_transient
+
+    try:
+        client = kfp.Client(host=host, namespace=namespace)
+        run = client.create_run_from_pipeline_func(motioncharacter_pipeline, arguments=params,
+                                                   experiment_name=experiment, enable_caching=True)
+    except Exception as e:
+        if not is_transient(e):
+            raise
+        from motioncharacter.cli import UserError
+
+        raise UserError(f"cannot reach Kubeflow Pipelines at {host}: {type(e).__name__}: {str(e)[:300]}") from e
     return run.run_id

@@ -7,6 +7,7 @@ storage and tracking at it (restored afterwards).
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads spinning slowed tiny runs 10x on 2 shared cores
 
@@ -61,6 +62,9 @@ def stack(stack_services, monkeypatch):
     # in-process run (e.g. demo --learn's embedded sqlite) must not be what this test's client reads
     import mlflow
 
+    # set_tracking_uri / set_experiment also write MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID into
+    # os.environ: monkeypatch records both first, so they come back after the test
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(stack_services.mlflow_uri)
     mlflow.set_experiment("Default")  # and so is the active experiment, whose id belongs to that store
     yield stack_services
@@ -72,11 +76,11 @@ def restore_mlflow_globals() -> None:
     MLFLOW_TRACKING_URI again (the session's own sqlite store unless it sets another)."""
     import mlflow
 
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
     from mlflow.tracking import fluent
 
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)  # (this also unsets MLFLOW_TRACKING_URI; the test's monkeypatch restores it)
     fluent._active_experiment_id = None
 
 
@@ -93,3 +97,23 @@ def s3_only_stack(tmp_path_factory):
         s.up(only="s3")
     yield s
     s.down()
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_globals_restored():
+    """After every test: MLflow's process-global tracking URI and experiment unset again, and the
+    MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID it writes into os.environ as before the test."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    yield
+    if "mlflow" not in sys.modules:
+        return
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils
+
+    if utils._tracking_uri is not None or fluent._active_experiment_id is not None:
+        restore_mlflow_globals()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -81,8 +81,11 @@ def test_params_parse():
 
 def test_submit_reaches_the_client_call():
     """No KFP API runs here: submitting to a closed port must fail at the HTTP call, with the host named."""
+    from motioncharacter.cli import UserError, main
+    from motioncharacter.faults import is_transient
     from motioncharacter.pipelines.run import submit
 
-    with pytest.raises(Exception) as e:
+    with pytest.raises(UserError, match=r"cannot reach Kubeflow Pipelines at http://127\.0\.0\.1:9: ") as e:
         submit("http://127.0.0.1:9", {"train_steps": 1})
-    assert "127.0.0.1" in str(e.value) or "Connection" in type(e.value).__name__ + str(e.value)
+    assert is_transient(e.value.__cause__)  # the HTTP client's connection failure, kept as the cause
+    assert main(["pipeline", "submit", "--host", "http://127.0.0.1:9", "--param", "train_steps=1"]) == 1

@@ -60,9 +60,16 @@ def test_uninterrupted_run_outputs(baseline):
     assert row["loss"] == pytest.approx(row["loss_region"] + 0.1 * row["loss_id"], rel=1e-5)  # eq. 11, beta 0.1
 
 
-def test_refuses_to_overwrite_checkpoints_without_resume(prep, baseline, tmp_path):
-    rc, log = run_train(train_cmd(prep / "manifest.jsonl", baseline, STEPS), train_env(tmp_path))
-    assert rc == 1 and "--resume" in log
+def test_refuses_to_overwrite_checkpoints_without_resume(prep, baseline, capsys):
+    """In this process (the refusal comes before any distributed or model setup): no launch to wait for."""
+    from motioncharacter.cli import main
+
+    before = sorted(p.relative_to(baseline) for p in baseline.rglob("*"))
+    argv = train_cmd(prep / "manifest.jsonl", baseline, STEPS)
+    assert main(argv[argv.index("train"):]) == 1
+    err = capsys.readouterr().err
+    assert f"{baseline} already holds checkpoints (latest step-{STEPS:08d}); pass --resume" in err
+    assert sorted(p.relative_to(baseline) for p in baseline.rglob("*")) == before  # nothing written
 
 
 def test_sigkill_then_resume_repeats_the_losses(prep, baseline, tmp_path):

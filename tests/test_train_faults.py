@@ -15,7 +15,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from train_fixtures import forbid, latest, losses, prepared, run_train, train_cmd, train_env
+from train_fixtures import (forbid, latest, losses, prepared, run_train, stop_at, train_cmd, train_env,
+                            wait_rank_stopped)
 
 from motioncharacter import storage
 
@@ -340,9 +341,12 @@ def test_two_ranks_sigkill_then_resume_from_s3_repeats_the_losses(two_rank_data,
     out = f"s3://{s3_only_stack.bucket}/two-rank-{uuid.uuid4().hex[:8]}/run"
     env = s3_train_env(s3_only_stack, tmp_path)
     cmd = train_cmd(two_rank_data, out, 4, "--set", "train.checkpoint_every=2", nproc=2)
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # rank 0 stops itself right after checkpoint 2 is marked latest (rank 1 then waits for it in the
+    # next collective): the kill lands there, every time
+    p = subprocess.Popen(cmd, env=env | stop_at(tmp_path, "checkpoint", 1), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: s3_latest(out) is not None, p, "the first checkpoint")
+        wait_rank_stopped(p)
     finally:
         kill_tree(p)
     assert s3_latest(out) == "step-00000002"

@@ -129,3 +129,24 @@ def wait_stopped(proc: subprocess.Popen) -> None:
     if not os.WIFSTOPPED(status):
         proc.returncode = os.waitstatus_to_exitcode(status)
         raise AssertionError(f"training exited ({proc.returncode}) before reaching its stop point")
+
+
+def wait_rank_stopped(launcher: subprocess.Popen) -> None:
+    """Until a process under ``launcher`` (torchrun's ranks) stops itself (``stop_at``); AssertionError
+    if the launcher exits first."""
+    import time
+
+    import psutil
+
+    while not any(_stopped(c) for c in psutil.Process(launcher.pid).children(recursive=True)):
+        assert launcher.poll() is None, f"training exited ({launcher.returncode}) before its stop point"
+        time.sleep(0.05)
+
+
+def _stopped(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() == psutil.STATUS_STOPPED
+    except psutil.NoSuchProcess:
+        return False
