@@ -67,12 +67,16 @@ def apply_base_checkpoint(pipe, uri: str, unet_config: dict) -> dict:
             (Path(cfg) / "unet" / "config.json").write_text(json.dumps({k: v for k, v in unet_config.items()
                                                                         if not k.startswith("_")} |
                                                                        {"_class_name": "UNet2DConditionModel"}))
-            unet2d = UNet2DConditionModel.from_single_file(str(path), config=cfg, subfolder="unet",
-                                                           local_files_only=True)
-            if any(k.startswith(LDM_VAE) for k in keys):
-                pipe.vae.save_config(Path(cfg) / "vae")
-                replaced["vae"] = AutoencoderKL.from_single_file(str(path), config=cfg, subfolder="vae",
-                                                                 local_files_only=True)
+            try:  # diffusers' conversion fails deep inside (KeyError, shape errors) on a foreign layout
+                unet2d = UNet2DConditionModel.from_single_file(str(path), config=cfg, subfolder="unet",
+                                                               local_files_only=True)
+                if any(k.startswith(LDM_VAE) for k in keys):
+                    pipe.vae.save_config(Path(cfg) / "vae")
+                    replaced["vae"] = AutoencoderKL.from_single_file(str(path), config=cfg, subfolder="vae",
+                                                                     local_files_only=True)
+            except Exception as e:
+                raise ValueError(f"{uri} is not a single-file SD1.5 checkpoint that fits this base "
+                                 f"({type(e).__name__}: {str(e)[:200]})") from e
         if any(k.startswith(LDM_TEXT) for k in keys):
             from safetensors.torch import load_file
 

@@ -171,7 +171,8 @@ def _decode_maps(video, frames: int, height: int, width: int, name: str) -> np.n
 
 # ---- the ControlNet models -----------------------------------------------------------------
 def tiny_controlnet(kind: str, seed: int = 0):
-    """A random ControlNet for the tiny preset's UNet (zero convolutions randomised, so it acts)."""
+    """A random ControlNet for the tiny preset's UNet (zero convolutions randomised, the conditioning
+    embedding's included, so it acts and its maps or keyframes show in the video)."""
     from diffusers import ControlNetModel, SparseControlNetModel
 
     from .presets import tiny_unet_config
@@ -191,7 +192,8 @@ def tiny_controlnet(kind: str, seed: int = 0):
             model = ControlNetModel(down_block_types=cfg["down_block_types"], **common)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
+                if name.startswith(("controlnet_down_blocks", "controlnet_mid_block",
+                                    "controlnet_cond_embedding.conv_out")):  # the maps' own zero conv too
                     p.normal_(0, 0.05)
     return model.eval()
 

@@ -228,7 +228,9 @@ def test_single_file_community_checkpoint(tmp_path):
     assert all(torch.equal(te[k], v) for k, v in other["text_encoder"].state_dict().items())
     bad = tmp_path / "bad.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(3, 3, 3, 3)}, str(bad))
-    with pytest.raises(Exception):
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + " (is not a single-file SD1.5 checkpoint|does not fit)"):
         apply_base_checkpoint(pipe, str(bad), base_unet_config(None, "tiny"))
     with pytest.raises(ValueError, match="pickled"):
         (tmp_path / "m.ckpt").write_bytes(b"x")
