@@ -351,8 +351,11 @@ def test_sparsectrl_keyframes_on_a_community_base_through_triton(tmp_path):
                       log_file=tmp_path / "triton.log") as server:
         with MotionCharacterClient(server.http_url, timeout_s=300) as c:
             got = c.generate(face_image(), PROMPT, **req).frames
+            # the keyframes reach the served model: the same request on other frames is another video
+            moved = c.generate(face_image(), PROMPT, **dict(req, sparse_frames=[0, 3])).frames
             with pytest.raises(RemoteError, match="one frame index per keyframe"):
                 c.generate(face_image(), PROMPT, **dict(req, sparse_frames=[0]))
             assert c.ready()
     assert got.shape == expected.shape
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    assert not np.array_equal(got, moved), "keyframes ignored by the served model"
