@@ -25,8 +25,8 @@ IMAGES = {  # Dockerfile -> expected base image family
     # also past the December 2025 one (CVE-2025-33201): 26.07 or later
     "Dockerfile.triton": r"nvcr\.io/nvidia/tritonserver:(26\.(0[7-9]|1[0-2])|2[7-9]\.\d\d)-py3",
 }
-ENTRYPOINTS = {"Dockerfile": ["motioncharacter"], "Dockerfile.cuda": ["motioncharacter"],
-               "Dockerfile.triton": ["tritonserver"]}
+COMMANDS = {"Dockerfile": ["motioncharacter", "--help"], "Dockerfile.cuda": ["motioncharacter", "--help"],
+            "Dockerfile.triton": ["tritonserver", "--help"]}
 
 
 def parse_dockerfile(text: str) -> list[tuple[str, str]]:
@@ -93,11 +93,14 @@ def test_runs_as_the_non_root_user_the_manifests_expect(name):
 
 
 @pytest.mark.parametrize("name", sorted(IMAGES))
-def test_entrypoint_is_exec_form(name):
+def test_no_entrypoint_and_an_exec_form_command(name):
+    """No ENTRYPOINT: Kubernetes' command/args and kfp's ``sh -c ...`` must run as given (an
+    ENTRYPOINT of ``motioncharacter`` received ``sh`` as its subcommand); CMD in exec form."""
     ins = instructions(name)
-    entry = [args for instr, args in ins if instr == "ENTRYPOINT"]
-    assert len(entry) == 1
-    assert json.loads(entry[0]) == ENTRYPOINTS[name]  # exec form: signals reach the process
+    assert not [args for instr, args in ins if instr == "ENTRYPOINT"]
+    cmd = [args for instr, args in ins if instr == "CMD"]
+    assert len(cmd) == 1
+    assert json.loads(cmd[0]) == COMMANDS[name]  # exec form: signals reach the process
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["motioncharacter"] == "motioncharacter.cli:main"
 
