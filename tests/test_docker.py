@@ -307,3 +307,33 @@ def test_pin_digests_parses_references_and_challenges():
                             'scope="repository:library/python:pull"')
     assert c == {"realm": "https://auth.docker.io/token", "service": "registry.docker.io",
                  "scope": "repository:library/python:pull"}
+
+
+def test_cpu_triton_image_is_the_project_image_serving_models():
+    from motioncharacter.images import IMAGES
+    from motioncharacter.pipelines.pipeline import IMAGE
+
+    ins = instructions("Dockerfile.triton-cpu")
+    assert [a for i, a in ins if i == "FROM"] == [IMAGE]  # the tritonserver and backend of the pinned wheel
+    assert not [a for i, a in ins if i == "ENTRYPOINT"]
+    assert json.loads([a for i, a in ins if i == "CMD"][0])[:4] == ["motioncharacter", "serve", "--model-repository",
+                                                                  "/models"]
+    built = [i.dockerfile for i in IMAGES]
+    assert sorted(built) == sorted(f"docker/{p.name}" for p in DOCKER.glob("Dockerfile*"))
+    assert built.index("docker/Dockerfile") < built.index("docker/Dockerfile.triton-cpu")  # its base first
+
+
+def test_build_command_lends_the_ca_bundle_read_only_and_replaces_the_base(tmp_path):
+    from motioncharacter.images import CA_BUNDLE, IMAGES, build_command
+
+    cpu = IMAGES[0]
+    cmd = build_command("podman", cpu, tmp_path, "localhost/motioncharacter-base:bookworm", lend_ca=True)
+    assert cmd[:2] == ["podman", "build"] and cmd[-1] == str(tmp_path)
+    assert cmd[cmd.index("-t") + 1] == cpu.tag
+    assert cmd[cmd.index("--from") + 1] == "localhost/motioncharacter-base:bookworm"
+    assert "--pull=never" in cmd  # never a registry for a base made here
+    if Path(CA_BUNDLE).is_file():
+        assert cmd[cmd.index("-v") + 1] == f"{CA_BUNDLE}:{CA_BUNDLE}:ro"
+    assert "-v" not in build_command("podman", cpu, tmp_path, None, lend_ca=False)
+    with pytest.raises(Exception, match="--from"):
+        build_command("docker", cpu, tmp_path, "localhost/x:y", lend_ca=False)
