@@ -23,8 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .pipelines.pipeline import GPU_IMAGE, IMAGE
-
+# The images' names, as the compiled pipeline (pipelines/pipeline.py) and k8s/ use them. Here, not
+# in the pipeline module, so that the CLI does not import kfp to list its commands.
+IMAGE = "ghcr.io/motioncharacter/motioncharacter:0.1.0"
+GPU_IMAGE = "ghcr.io/motioncharacter/motioncharacter:0.1.0-cuda"
 TRITON_IMAGE = "ghcr.io/motioncharacter/motioncharacter-triton:0.1.0"
 TRITON_CPU_IMAGE = "ghcr.io/motioncharacter/motioncharacter-triton:0.1.0-cpu"
 DEBIAN_BASE = "localhost/motioncharacter-base:bookworm"

@@ -24,7 +24,7 @@ from typing import Iterator
 
 from motioncharacter import storage
 
-from .pipeline import GPU_IMAGE, IMAGE
+from motioncharacter.images import GPU_IMAGE, IMAGE
 
 IMAGE_UID = 10001  # docker/Dockerfile's user
 LOCAL_IMAGES = {GPU_IMAGE: IMAGE}
