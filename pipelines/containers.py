@@ -134,10 +134,10 @@ def step_env() -> dict:
     return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
 
 
-def docker_runner():
+def docker_runner(extra_env: dict | None = None):
     from kfp import local
 
-    return local.DockerRunner(network_mode="host", environment=step_env(), shm_size="256m")
+    return local.DockerRunner(network_mode="host", environment={**step_env(), **(extra_env or {})}, shm_size="256m")
 
 
 def free_port() -> int:
@@ -204,6 +204,7 @@ def container_run(args: dict, pipeline_root: str, triton_image: str) -> Iterator
             stack.enter_context(kfp_docker_fix(dirs))
             if not args.get("triton_url"):
                 args["triton_url"] = stack.enter_context(triton_container(args["model_repository"], triton_image))
-            yield docker_runner()
+            # DeepSpeed JIT-builds its CPU op on first use (minutes on 2 cores): once per run, not per step
+            yield docker_runner({"TORCH_EXTENSIONS_DIR": str(Path(pipeline_root).resolve() / "torch_extensions")})
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI") if old is None else os.environ.__setitem__("MLFLOW_TRACKING_URI", old)

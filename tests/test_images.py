@@ -86,9 +86,21 @@ def _frames(path) -> "np.ndarray":
     return read_frames(vr, list(range(probe(vr).num_frames)))
 
 
+def _digest(p: Path) -> str:
+    """sha256 of a file's bytes; of an .npz's arrays (numpy stamps each zip member with the time)."""
+    if p.suffix != ".npz":
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+    import numpy as np
+
+    h = hashlib.sha256()
+    with np.load(p) as z:
+        for k in sorted(z.files):
+            h.update(k.encode() + z[k].tobytes())
+    return h.hexdigest()
+
+
 def _files(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): _digest(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _run_step(runner_kind: str, work: Path, root: Path) -> str:
