@@ -128,14 +128,16 @@ def test_installs_only_what_pyproject_pins(name):
         for w in it:
             if w in takes_value:
                 value = next(it)
-                if w in ("-r", "--requirement"):  # the whole lock, every file by its hash
-                    assert value == "requirements.lock.hashes", value
+                if w in ("-r", "--requirement"):  # the whole lock, every file by its hash; the build backend
+                    assert value in ("requirements.lock.hashes", "/build/src/docker/build-requirements.txt"), value
                     assert "--require-hashes" in words and "--no-deps" in words, words
                 assert w not in ("--extra-index-url", "--index-url"), f"{name} adds an index: {words}"
                 continue
             if w.startswith("-"):
                 continue
             assert w.startswith(("/", ".")) or "==" in w, f"unpinned install of {w!r} in {name}"
+            if w.startswith(("/", ".")):  # build isolation would fetch an unpinned build backend
+                assert "--no-build-isolation" in words, words
     text = (DOCKER / name).read_text()
     assert "COPY requirements.lock.hashes" in text and "^# NOT HASHED" in text  # a hole fails the build
     # apt lists are cleaned in the same layer that fills them
