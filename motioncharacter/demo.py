@@ -76,6 +76,7 @@ def _demo(args) -> int:
     else:
         params.update(work_uri=str(work / "pipeline"), model_repository=str(work / "model_repository"))
     from motioncharacter.cli import UserError
+    from motioncharacter.pipelines.containers import EngineError
     from motioncharacter.pipelines.run import StepFailed
 
     logs = work / "logs"
@@ -85,7 +86,7 @@ def _demo(args) -> int:
           f"step logs: {logs}/")
     try:
         result = run_local(params, str(work / "kfp"), log_dir=str(logs), containers=args.containers)
-    except StepFailed as e:
+    except (StepFailed, EngineError) as e:
         raise UserError(str(e)) from None
     print(json.dumps(result["params"], indent=1))
     smoke = f"{params['work_uri']}/smoke/smoke.mp4"

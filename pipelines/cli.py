@@ -65,16 +65,15 @@ def _compile(args) -> int:
 
 
 def _run(args) -> int:
-    from .run import run_local
-
-    from .run import StepFailed
+    from .containers import EngineError
+    from .run import StepFailed, run_local
 
     logs = Path(args.pipeline_root) / "logs"
     print(f"step logs: {logs}/")
     try:
         result = run_local(parse_params(args.param), args.pipeline_root,
                            log_dir=None if args.verbose_steps else str(logs), containers=args.containers)
-    except StepFailed as e:
+    except (StepFailed, EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=1))

@@ -140,6 +140,20 @@ def docker_runner(extra_env: dict | None = None):
     return local.DockerRunner(network_mode="host", environment={**step_env(), **(extra_env or {})}, shm_size="256m")
 
 
+def require_images(tags: list[str]) -> None:
+    """Fail before the first step, naming the images the engine lacks and the command that builds them."""
+    import docker
+
+    client = docker.from_env()
+    try:
+        have = {tag for image in client.images.list() for tag in image.tags}
+    finally:
+        client.close()
+    missing = [t for t in tags if t not in have]
+    if missing:
+        raise EngineError(f"the container engine has no {', '.join(missing)}: build with `motioncharacter images build`")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -201,6 +215,7 @@ def container_run(args: dict, pipeline_root: str, triton_image: str) -> Iterator
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(engine_socket())
+            require_images([IMAGE] + ([] if args.get("triton_url") else [triton_image]))
             stack.enter_context(kfp_docker_fix(dirs))
             if not args.get("triton_url"):
                 args["triton_url"] = stack.enter_context(triton_container(args["model_repository"], triton_image))
