@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "motioncharacter.model.weights",
     "motioncharacter.components.evaluate.cli",
     "motioncharacter.registry_cli",
+    "motioncharacter.images",
 ]
 
 

@@ -11,6 +11,7 @@ motion intensity (see motioncharacter/learn.py; about 25 minutes on 2 cores).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -20,6 +21,8 @@ def add_commands(sub) -> None:
     p.add_argument("--workdir", default="outputs/demo", help="local folder for outputs (default: %(default)s)")
     p.add_argument("--no-stack", action="store_true",
                    help="do not start the local S3 + MLflow services: local files and sqlite MLflow instead")
+    p.add_argument("--containers", action="store_true",
+                   help="run the pipeline's steps in the project's images (`motioncharacter images build` first)")
     p.add_argument("--data-only", action="store_true", help="only generate fixtures and prepare the dataset")
     p.add_argument("--train-steps", type=int, default=4, help="training steps of the tiny model (default: 4)")
     p.add_argument("--learn", action="store_true",
@@ -73,14 +76,17 @@ def _demo(args) -> int:
     else:
         params.update(work_uri=str(work / "pipeline"), model_repository=str(work / "model_repository"))
     from motioncharacter.cli import UserError
+    from motioncharacter.pipelines.containers import EngineError
     from motioncharacter.pipelines.run import StepFailed
 
     logs = work / "logs"
+    if args.containers and not stack:  # the store the step containers write (pipelines/containers.py)
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'kfp' / 'mlflow.db'}")
     print("[pipeline] prepare -> train -> evaluate -> deploy -> Triton smoke test (kfp.local); "
           f"step logs: {logs}/")
     try:
-        result = run_local(params, str(work / "kfp"), log_dir=str(logs))
-    except StepFailed as e:
+        result = run_local(params, str(work / "kfp"), log_dir=str(logs), containers=args.containers)
+    except (StepFailed, EngineError) as e:
         raise UserError(str(e)) from None
     print(json.dumps(result["params"], indent=1))
     smoke = f"{params['work_uri']}/smoke/smoke.mp4"

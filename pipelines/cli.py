@@ -22,10 +22,15 @@ def add_commands(sub) -> None:
                             "gpus_per_node=G (a PyTorchJob per train step, on a cluster) or train_processes=N "
                             "(N torchrun processes in the step: what works locally)")
 
-    r = ps.add_parser("run", help="run the whole pipeline on this machine with kfp.local (SubprocessRunner)")
+    r = ps.add_parser("run", help="run the whole pipeline on this machine with kfp.local (subprocesses, or "
+                                  "containers with --containers)")
     r.add_argument("--local", action="store_true", required=True, help="run locally (the only mode of `run`)")
     r.add_argument("--pipeline-root", default="outputs/kfp",
                    help="local artifact root; step logs go to its logs/ (default: %(default)s)")
+    r.add_argument("--containers", action="store_true",
+                   help="run every step in the project's image through kfp's DockerRunner (podman or docker; "
+                        "build the images first: `motioncharacter images build`), the smoke test against the CPU "
+                        "Triton image")
     r.add_argument("--verbose-steps", action="store_true",
                    help="print kfp.local's full output (executor input, every line of every step) here instead")
     params(r)
@@ -60,15 +65,15 @@ def _compile(args) -> int:
 
 
 def _run(args) -> int:
-    from .run import run_local
-
-    from .run import StepFailed
+    from .containers import EngineError
+    from .run import StepFailed, run_local
 
     logs = Path(args.pipeline_root) / "logs"
     print(f"step logs: {logs}/")
     try:
-        result = run_local(parse_params(args.param), args.pipeline_root, log_dir=None if args.verbose_steps else str(logs))
-    except StepFailed as e:
+        result = run_local(parse_params(args.param), args.pipeline_root,
+                           log_dir=None if args.verbose_steps else str(logs), containers=args.containers)
+    except (StepFailed, EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=1))

@@ -9,8 +9,7 @@ image (``IMAGE``); all real work is in ``motioncharacter.pipelines.steps``. Kube
 
 from kfp import dsl, kubernetes
 
-IMAGE = "ghcr.io/motioncharacter/motioncharacter:0.1.0"
-GPU_IMAGE = "ghcr.io/motioncharacter/motioncharacter:0.1.0-cuda"
+from motioncharacter.images import GPU_IMAGE, IMAGE  # noqa: F401 (re-exported: steps, launch and tests use them)
 # the pipeline's own MinIO user (k8s/base/minio.yaml, pipeline.json): writes run data and model
 # repositories; Triton, MLflow and training have users of their own
 S3_SECRET = "s3-pipeline"               # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (k8s/secrets)

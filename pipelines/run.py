@@ -28,8 +28,11 @@ class StepFailed(RuntimeError):
     """A pipeline step failed (after its retries); names the step and the log to read."""
 
 
-def run_local(params: dict, pipeline_root: str = "outputs/kfp", log_dir: str | None = None) -> dict:
-    """Run every step in subprocesses of this Python (no containers), like a cluster run.
+def run_local(params: dict, pipeline_root: str = "outputs/kfp", log_dir: str | None = None,
+              containers: bool = False) -> dict:
+    """Run every step in subprocesses of this Python (no containers), like a cluster run; with
+    ``containers``, every step in the project's image through kfp's DockerRunner and the smoke test
+    against the CPU Triton image (pipelines/containers.py).
 
     With ``log_dir``, the console gets one line per step and kfp's detail goes to
     ``log_dir/pipeline.log`` and ``log_dir/<step>.log``; a failed step raises StepFailed naming its log."""
@@ -37,22 +40,38 @@ def run_local(params: dict, pipeline_root: str = "outputs/kfp", log_dir: str | N
 
     from kfp import local
 
-    from .local_console import step_console
     from .pipeline import motioncharacter_pipeline
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(pipeline_root).resolve()),
-               raise_on_error=True)
+    root = str(Path(pipeline_root).resolve())
     args = {**local_defaults(), **params}
+    with contextlib.ExitStack() as stack:
+        if containers:
+            from motioncharacter.images import TRITON_CPU_IMAGE
+
+            from .containers import container_run
+
+            runner = stack.enter_context(container_run(args, root, TRITON_CPU_IMAGE))
+        else:
+            runner = local.SubprocessRunner(use_venv=False)
+        local.init(runner=runner, pipeline_root=root, raise_on_error=True)
+        task = _run_pipeline(motioncharacter_pipeline, args, log_dir)
+    return {"state": "SUCCEEDED", "params": args, "outputs": getattr(task, "outputs", None) and dict(task.outputs)}
+
+
+def _run_pipeline(pipeline, args: dict, log_dir: str | None):
+    import contextlib
+
+    from .local_console import step_console
+
     with (step_console(log_dir) if log_dir else contextlib.nullcontext()) as console:
         try:
-            task = motioncharacter_pipeline(**args)
+            return pipeline(**args)
         except RuntimeError as e:
             if console is None or not console.failed:
                 raise
             step = console.failed[-1]
             raise StepFailed(f"pipeline step '{step}' failed; its log: {console.step_log_path(step)} "
                              f"(all steps: {console.dir / 'pipeline.log'})") from e
-    return {"state": "SUCCEEDED", "params": args, "outputs": getattr(task, "outputs", None) and dict(task.outputs)}
 
 
 def submit(host: str, params: dict, experiment: str = "motioncharacter", namespace: str | None = None) -> str:

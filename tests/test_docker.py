@@ -25,8 +25,8 @@ IMAGES = {  # Dockerfile -> expected base image family
     # also past the December 2025 one (CVE-2025-33201): 26.07 or later
     "Dockerfile.triton": r"nvcr\.io/nvidia/tritonserver:(26\.(0[7-9]|1[0-2])|2[7-9]\.\d\d)-py3",
 }
-ENTRYPOINTS = {"Dockerfile": ["motioncharacter"], "Dockerfile.cuda": ["motioncharacter"],
-               "Dockerfile.triton": ["tritonserver"]}
+COMMANDS = {"Dockerfile": ["motioncharacter", "--help"], "Dockerfile.cuda": ["motioncharacter", "--help"],
+            "Dockerfile.triton": ["tritonserver", "--help"]}
 
 
 def parse_dockerfile(text: str) -> list[tuple[str, str]]:
@@ -93,11 +93,14 @@ def test_runs_as_the_non_root_user_the_manifests_expect(name):
 
 
 @pytest.mark.parametrize("name", sorted(IMAGES))
-def test_entrypoint_is_exec_form(name):
+def test_no_entrypoint_and_an_exec_form_command(name):
+    """No ENTRYPOINT: Kubernetes' command/args and kfp's ``sh -c ...`` must run as given (an
+    ENTRYPOINT of ``motioncharacter`` received ``sh`` as its subcommand); CMD in exec form."""
     ins = instructions(name)
-    entry = [args for instr, args in ins if instr == "ENTRYPOINT"]
-    assert len(entry) == 1
-    assert json.loads(entry[0]) == ENTRYPOINTS[name]  # exec form: signals reach the process
+    assert not [args for instr, args in ins if instr == "ENTRYPOINT"]
+    cmd = [args for instr, args in ins if instr == "CMD"]
+    assert len(cmd) == 1
+    assert json.loads(cmd[0]) == COMMANDS[name]  # exec form: signals reach the process
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["motioncharacter"] == "motioncharacter.cli:main"
 
@@ -125,14 +128,16 @@ def test_installs_only_what_pyproject_pins(name):
         for w in it:
             if w in takes_value:
                 value = next(it)
-                if w in ("-r", "--requirement"):  # the whole lock, every file by its hash
-                    assert value == "requirements.lock.hashes", value
+                if w in ("-r", "--requirement"):  # the whole lock, every file by its hash; the build backend
+                    assert value in ("requirements.lock.hashes", "/build/src/docker/build-requirements.txt"), value
                     assert "--require-hashes" in words and "--no-deps" in words, words
                 assert w not in ("--extra-index-url", "--index-url"), f"{name} adds an index: {words}"
                 continue
             if w.startswith("-"):
                 continue
             assert w.startswith(("/", ".")) or "==" in w, f"unpinned install of {w!r} in {name}"
+            if w.startswith(("/", ".")):  # build isolation would fetch an unpinned build backend
+                assert "--no-build-isolation" in words, words
     text = (DOCKER / name).read_text()
     assert "COPY requirements.lock.hashes" in text and "^# NOT HASHED" in text  # a hole fails the build
     # apt lists are cleaned in the same layer that fills them
@@ -305,3 +310,33 @@ def test_pin_digests_parses_references_and_challenges():
                             'scope="repository:library/python:pull"')
     assert c == {"realm": "https://auth.docker.io/token", "service": "registry.docker.io",
                  "scope": "repository:library/python:pull"}
+
+
+def test_cpu_triton_image_is_the_project_image_serving_models():
+    from motioncharacter.images import IMAGES
+    from motioncharacter.pipelines.pipeline import IMAGE
+
+    ins = instructions("Dockerfile.triton-cpu")
+    assert [a for i, a in ins if i == "FROM"] == [IMAGE]  # the tritonserver and backend of the pinned wheel
+    assert not [a for i, a in ins if i == "ENTRYPOINT"]
+    assert json.loads([a for i, a in ins if i == "CMD"][0])[:4] == ["motioncharacter", "serve", "--model-repository",
+                                                                  "/models"]
+    built = [i.dockerfile for i in IMAGES]
+    assert sorted(built) == sorted(f"docker/{p.name}" for p in DOCKER.glob("Dockerfile*"))
+    assert built.index("docker/Dockerfile") < built.index("docker/Dockerfile.triton-cpu")  # its base first
+
+
+def test_build_command_lends_the_ca_bundle_read_only_and_replaces_the_base(tmp_path):
+    from motioncharacter.images import CA_BUNDLE, IMAGES, build_command
+
+    cpu = IMAGES[0]
+    cmd = build_command("podman", cpu, tmp_path, "localhost/motioncharacter-base:bookworm", lend_ca=True)
+    assert cmd[:2] == ["podman", "build"] and cmd[-1] == str(tmp_path)
+    assert cmd[cmd.index("-t") + 1] == cpu.tag
+    assert cmd[cmd.index("--from") + 1] == "localhost/motioncharacter-base:bookworm"
+    assert "--pull=never" in cmd  # never a registry for a base made here
+    if Path(CA_BUNDLE).is_file():
+        assert cmd[cmd.index("-v") + 1] == f"{CA_BUNDLE}:{CA_BUNDLE}:ro"
+    assert "-v" not in build_command("podman", cpu, tmp_path, None, lend_ca=False)
+    with pytest.raises(Exception, match="--from"):
+        build_command("docker", cpu, tmp_path, "localhost/x:y", lend_ca=False)
