@@ -42,7 +42,7 @@ class IntensityEncoder(nn.Module):
 
     def forward(self, intensity: torch.Tensor) -> torch.Tensor:
         """(B,) intensities in [0, 20] -> (B, num_tokens, text_dim)."""
-        m = intensity.reshape(-1, 1).to(self.mlp[0].weight.dtype) / INTENSITY_MAX
+        m = (intensity.reshape(-1, 1).float() / INTENSITY_MAX).to(self.mlp[0].weight.dtype)  # M scaled in fp32
         return self.norm(self.mlp(m).reshape(m.shape[0], self.num_tokens, -1))
 
 
