@@ -49,12 +49,8 @@ class IntensityEncoder(nn.Module):
 def motion_unet(unet2d, motion_adapter):
     """diffusers' own UNet2DConditionModel + MotionAdapter -> UNetMotionModel."""
     from diffusers import UNetMotionModel
-    from diffusers.utils import logging as dlog
 
-    # from_unet2d casts with .to(dtype) itself, which makes diffusers warn about its own call.
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
+    from .precision import quiet_diffusers
+
+    with quiet_diffusers():  # from_unet2d casts with .to(dtype) itself, which makes diffusers warn about its own call
         return UNetMotionModel.from_unet2d(unet2d, motion_adapter)
-    finally:
-        dlog.set_verbosity(level)

@@ -19,6 +19,8 @@ on CPUs with AVX-512 BF16 / AMX.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -52,10 +54,24 @@ def name_of(dtype: torch.dtype) -> str:
 def apply(pipe, dtype: torch.dtype, vae_upcast: bool | None = None) -> None:
     """Cast ``pipe``'s modules to ``dtype``, the VAE to fp32 when ``vae_upcast`` (None: only for fp16)."""
     upcast = dtype == torch.float16 if vae_upcast is None else bool(vae_upcast)
-    pipe.to(dtype=dtype)
-    if upcast:
-        pipe.vae.to(dtype=torch.float32)
+    with quiet_diffusers():  # its ModelMixin.to warns on every dtype cast, even with nothing to keep in fp32
+        pipe.to(dtype=dtype)
+        if upcast:
+            pipe.vae.to(dtype=torch.float32)
     pipe.vae_upcast = upcast
+
+
+@contextmanager
+def quiet_diffusers():
+    """diffusers' warnings off inside the block (for its warnings about its own calls)."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
 
 
 def running(pipe) -> str:

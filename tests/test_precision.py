@@ -13,7 +13,7 @@ import torch
 
 from serving_fixtures import PROMPT, TINY, face_image, wait_for_log
 
-MAX_MEAN_DIFF = 6.0  # mean |bf16 - fp32| over all pixels of the video, grey levels
+MAX_MEAN_DIFF = 3.0  # mean |bf16 - fp32| over all pixels of the video, grey levels (measured: 1.07, max 10)
 
 
 def _video(pipe, **kw):
@@ -135,11 +135,13 @@ def test_vae_upcast_is_on_for_fp16_only():
 
 
 def test_features_loaded_later_follow_the_pipeline_dtype(pipes):
-    """The face adapter (ID-Animator mode) and ControlNets load on first use, in the pipeline's dtype."""
+    """The face adapter (ID-Animator) and the Content Guider (DreaMoving) load on first use, in the
+    pipeline's dtype (ControlNets share that loader: model/features.py)."""
     pipe = pipes["bf16"]
-    frames = _video(pipe, mode="id-animator", steps=2)
-    assert frames.shape[0] == TINY["frames"]
-    assert pipe.feature_parts["face_adapter"].dtype == torch.bfloat16
+    for mode, part in (("id-animator", "face_adapter"), ("dreamoving", "content_guider")):
+        frames = _video(pipe, mode=mode, steps=2, action="")
+        assert frames.shape[0] == TINY["frames"] and frames.std() > 0, mode
+        assert pipe.feature_parts[part].dtype == torch.bfloat16, mode
 
 
 # ---- the CLI -----------------------------------------------------------------------------------
@@ -161,6 +163,26 @@ def test_cli_generate_dtype_bf16(videos, tmp_path, capsys):
     assert np.abs(mean(frames) - mean(videos["bf16"])).max() < 4
 
 
+# ---- evaluation --------------------------------------------------------------------------------
+def test_evaluate_set_generation_dtype(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from motioncharacter.cli import main
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    Image.fromarray(face_image()).save(faces / "astronaut.png")
+    args = ["evaluate", "--preset", "tiny", "--eval-set", str(faces), "--limit", "1", "--no-track", "--no-progress",
+            "--set", "generation.frames=4", "--set", "generation.steps=1", "--set", "generation.guidance=1.0"]
+    assert main([*args, "--output", str(tmp_path / "bad"), "--set", "generation.dtype=half"]) == 1
+    assert "generation.dtype must be one of auto, fp32, fp16, bf16, got 'half'" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "out"), "--set", "generation.dtype=bf16"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["dtype"] == "bf16" and summary["videos"] == 1
+
+
 # ---- a served model ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bf16_server(tmp_path_factory):
@@ -174,9 +196,9 @@ def bf16_server(tmp_path_factory):
     assert main(["deploy", "--preset", "tiny", "--dtype", "bf16", "--model-repository", str(repo),
                  "--max-resolution", "128"]) == 0
     server = TritonServer(str(repo), http_port=None, grpc_port=None, metrics_port=None, log_file=root / "triton.log")
-    server.start(timeout_s=300)
+    server.start(timeout_s=600)  # two Python stubs import torch and build the pipeline: minutes on a busy CPU
     yield repo, server
-    assert server.stop() == 0
+    server.stop()  # a clean exit is the suite's shared server's test (tests/serving_fixtures.py)
 
 
 @pytest.mark.services
