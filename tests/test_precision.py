@@ -234,7 +234,7 @@ def test_trainer_bf16_steps_follow_fp32_steps(tmp_path_factory):
     for precision in ("fp32", "bf16"):
         tmp = tmp_path_factory.mktemp(f"train-{precision}")
         rc, log = run_train(train_cmd(prep / "manifest.jsonl", tmp / "out", 3, "--set", f"train.precision={precision}"),
-                            train_env(tmp))
+                            train_env(tmp), timeout=1200)
         assert rc == 0, log[-3000:]
         got[precision] = losses(tmp / "out")
     assert sorted(got["bf16"]) == sorted(got["fp32"]) == [1, 2, 3]
