@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from motioncharacter.model.precision import TORCH_DTYPES as DTYPES
+
 ROOT = Path(__file__).resolve().parents[1]
 # name -> Acceleration fields over "no option" (caching off); "baseline" first (the ratios' denominator)
 CONFIGS = {
@@ -88,32 +90,29 @@ def real_width_parts(seed: int = 0) -> dict:
                 scheduler=DDIMScheduler(**animatediff_scheduler_config()))
 
 
-def build_pipeline(widths: str, weights: str | None, device: str, dtype: torch.dtype):
-    from motioncharacter.model.inference import load_pipeline
+def build_pipeline(widths: str, weights: str | None, device: str, dtype: str):
+    """The pipeline as users load it (``load_pipeline(dtype=...)``; random real-width components go
+    through its second half, ``pipeline_from_parts``): the product's precision handling is measured,
+    e.g. the VAE decoding in fp32 under fp16."""
+    from motioncharacter.model.inference import load_pipeline, pipeline_from_parts
 
     if weights or widths == "tiny":
-        pipe = load_pipeline(weights=weights, preset=None if weights else "tiny", device="cpu")
+        pipe = load_pipeline(weights=weights, preset=None if weights else "tiny", device=device, dtype=dtype)
     else:
         from motioncharacter.faces import embedder
         from motioncharacter.model.adapter import MotionCharacterAdapter
-        from motioncharacter.model.inference import native_defaults
         from motioncharacter.model.motion_module import motion_unet
-        from motioncharacter.model.pipeline import MotionCharacterPipeline
 
         parts = real_width_parts()
         parts["unet"] = motion_unet(parts.pop("unet"), parts["motion_adapter"])
         parts["motion_adapter"] = None
         parts["adapter"] = MotionCharacterAdapter.for_unet(parts["unet"], clip_image_dim=1024, face_dim=128, seed=0)
-        pipe = MotionCharacterPipeline(**parts)
-        pipe.face_embedder = embedder()
-        pipe.defaults = native_defaults(64, 8)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = pipeline_from_parts(parts, embedder(), device=device, dtype=dtype)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a non-zero adapter: every branch does real work
         for p in pipe.adapter.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    pipe.to(device, dtype)
-    pipe.feature_sources, pipe.feature_parts = dict(weights=weights, preset=None, controlnets={}), {}
+    pipe.feature_sources = dict(weights=weights, preset=None, controlnets={})
     return pipe
 
 
@@ -186,9 +185,11 @@ class PeakRSS:
         self.peak = max(self.peak, rss_mb())
 
 
-def memory_child(a, name: str) -> dict:
-    """Run in a subprocess: load, note the RSS, generate once, note the peak."""
-    args = [sys.executable, __file__, "--one", name] + [x for x in sys.argv[1:] if x not in ("--memory", "--memory-only")]
+def memory_child(a, name: str, dtype: str) -> dict:
+    """Run in a subprocess: load, note the RSS, generate (timed; with --memory-only a second, warm call
+    too: the figures of `--memory-only --dtypes fp32,bf16`), note the peak."""
+    args = [sys.executable, __file__, "--one", name] + [x for x in sys.argv[1:] if x != "--memory"]
+    args += ["--dtypes", dtype]  # the last one given wins
     out = subprocess.run(args, capture_output=True, text=True, check=False)
     lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
     if out.returncode or not lines:
@@ -288,7 +289,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                     help="peak memory of the memory configurations")
-    ap.add_argument("--memory-only", action="store_true", help="measure peak memory only (no timing rounds)")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="each configuration and dtype in its own process: peak memory, a cold and a warm "
+                         "generation (no interleaved timing rounds)")
     ap.add_argument("--train", action=argparse.BooleanOptionalAction, default=True, help="time a training step")
     ap.add_argument("--reduced", action="store_true",
                     help="tiny widths, 64 px, 4 frames, 3 steps: checks that the benchmark works (CI)")
@@ -304,8 +307,6 @@ def parse() -> argparse.Namespace:
         a.memory_configs = MEMORY
     return a
 
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def main() -> int:
@@ -332,12 +333,13 @@ def main() -> int:
             print("  " + ", ".join(f"{k} {v}" for k, v in r.items()))
         return 0
     if a.one:  # memory child
-        pipe = build_pipeline(a.widths, a.weights, a.device, DTYPES[dtypes[0]])
+        pipe = build_pipeline(a.widths, a.weights, a.device, dtypes[0])
         configure(pipe, CONFIGS[a.one], {})
         loaded = rss_mb()
         with PeakRSS() as peak:
-            generate_once(pipe, a)
-        print(json.dumps({"loaded_mb": round(loaded, 1), "peak_mb": round(peak.peak, 1)}))
+            secs = [generate_once(pipe, a) for _ in range(2 if a.memory_only else 1)]  # cold, then warm
+        print(json.dumps({"loaded_mb": round(loaded, 1), "peak_mb": round(peak.peak, 1), "first_s": round(secs[0], 2),
+                          **({"s_per_video": round(secs[-1], 2)} if len(secs) > 1 else {})}))
         return 0
 
     device_name = torch.cuda.get_device_name(a.device) if cuda else f"CPU ({platform.processor() or platform.machine()}, " \
@@ -349,12 +351,13 @@ def main() -> int:
               "rows": []}
     if a.memory_only and not cuda:  # every configuration in its own subprocess; nothing loaded here
         asked = [n.strip() for n in a.configs.split(",")] if a.configs else names
-        for n in [m for m in a.memory_configs if m in asked]:
-            report["rows"].append({"dtype": dtypes[0], "config": n, **memory_child(a, n)})
-            print(f"  {n}: {report['rows'][-1]}", flush=True)
+        for dt in dtypes:
+            for n in [m for m in a.memory_configs if m in asked]:
+                report["rows"].append({"dtype": dt, "config": n, **memory_child(a, n, dt)})
+                print(f"  {dt} {n}: {report['rows'][-1]}", flush=True)
         for r in report["rows"]:
             if "peak_mb" in r:
-                base = report["rows"][0]
+                base = next(b for b in report["rows"] if b["dtype"] == r["dtype"])
                 r["above_load_ratio_vs_baseline"] = round(
                     (base["peak_mb"] - base["loaded_mb"]) / max(1e-9, r["peak_mb"] - r["loaded_mb"]), 2)
         print(json.dumps(report["rows"], indent=1))
@@ -362,7 +365,7 @@ def main() -> int:
             Path(a.json).write_text(json.dumps(report, indent=1))
         return 0
     for dt in dtypes:
-        pipe = build_pipeline(a.widths, a.weights, a.device, DTYPES[dt])
+        pipe = build_pipeline(a.widths, a.weights, a.device, dt)
         state: dict = {}
         secs: dict[str, list[float]] = {n: [] for n in names}
         first: dict[str, float] = {}
@@ -387,7 +390,7 @@ def main() -> int:
                     generate_once(pipe, a)
                     mem[n] = {"peak_mb": torch.cuda.max_memory_allocated() / 2**20}
                 else:
-                    mem[n] = memory_child(a, n)
+                    mem[n] = memory_child(a, n, dt)
             configure(pipe, {}, state)
         base = statistics.median(secs["baseline"])
         for n in names:

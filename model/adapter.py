@@ -77,7 +77,7 @@ class MotionCharacterAdapter(ModelMixin, ConfigMixin):
             id_tokens = torch.cat([id_tokens, patches], 1)
         motion_tokens = None
         if intensity is not None:
-            intensity = torch.as_tensor(intensity, dtype=self.dtype, device=self.device).reshape(-1)
+            intensity = torch.as_tensor(intensity, dtype=torch.float32, device=self.device).reshape(-1)
             motion_tokens = self.intensity_encoder(intensity)
         return MCConditioning(id_tokens=id_tokens, action_tokens=action_embeds, motion_tokens=motion_tokens,
                               id_scale=float(id_scale), motion_scale=float(motion_scale), id_keep=id_keep,

@@ -39,6 +39,11 @@ def add_commands(sub) -> None:
     p.add_argument("--arcface-pack", metavar="DIR_OR_URI",
                    help="insightface model pack for ArcFace embeddings (default: the offline SFace model)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    from .precision import DTYPES
+
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="precision of the models: auto = fp16 on CUDA, fp32 on a CPU; bf16 runs on CPUs with "
+                        "AVX-512 BF16/AMX; fp16 needs a GPU (the VAE then decodes in fp32). With --url, chosen at deploy")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of the written video")
     from .schedulers import SCHEDULERS
 
@@ -60,14 +65,19 @@ def run_generate(args) -> int:
     from motioncharacter import faces
     from motioncharacter.cli import UserError
 
-    from . import feature_cli
+    from . import feature_cli, precision
     from .inference import generate, load_pipeline
     from .pipeline import load_reference_image
 
     out = Path(args.out)
     if out.suffix.lower() not in (".mp4", ".gif"):
         raise UserError(f"--out must end in .mp4 or .gif, got {out.name}")
-    # Cheap checks first: a bad image or face fails before minutes of model loading.
+    # Cheap checks first: a bad image, face or dtype fails before minutes of model loading.
+    if not args.url:
+        try:
+            precision.resolve(args.dtype, args.device)
+        except ValueError as e:
+            raise UserError(f"--dtype {args.dtype}: {e}") from None
     try:
         rgb = load_reference_image(args.image)
     except FileNotFoundError:
@@ -93,17 +103,17 @@ def run_generate(args) -> int:
     if args.url:  # the server holds the weights, and advertises the sizes that suit them
         from motioncharacter.serving.client import MotionCharacterClient
 
-        deploy_time = [k for k, v in load.items() if v]
+        deploy_time = [k for k, v in load.items() if v] + (["--dtype"] if args.dtype != "auto" else [])
         if deploy_time:
             raise UserError(f"--url: {', '.join(deploy_time)} are chosen when the server is deployed "
-                            "(`motioncharacter deploy --base-checkpoint/--scheduler/--cache-interval...`, ControlNets in the "
+                            "(`motioncharacter deploy --base-checkpoint/--scheduler/--dtype/--cache-interval...`, ControlNets in the "
                             "weights folder)")
         with MotionCharacterClient(args.url) as client:
             pipe, d = None, {"steps": 30, "frames": 16, "height": 512, "width": 512, **client.defaults()}
         generate = _remote_generate(args.url)
     else:
         pipe = load_pipeline(weights=args.weights, preset=args.preset, device=args.device,
-                             arcface_pack=args.arcface_pack, **load)
+                             arcface_pack=args.arcface_pack, dtype=args.dtype, **load)
         d = pipe.defaults  # sizes that suit the loaded weights
     steps = args.steps or d["steps"]
     with tqdm(total=steps, desc="denoising", unit="step") as bar:
@@ -117,7 +127,8 @@ def run_generate(args) -> int:
 
     write_video(video, out, fps=args.fps)
     print(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, "
-          f"face embedder: {pipe.face_embedder.name if pipe else 'on the server'})")
+          f"face embedder: {pipe.face_embedder.name if pipe else 'on the server'}"
+          + (f", {precision.running(pipe)})" if pipe else ")"))
     return 0
 
 

@@ -22,8 +22,8 @@ logger = logging.getLogger("motioncharacter.model")
 
 def load_pipeline(weights: str | None = None, preset: str | None = None, device: str = "cpu",
                   arcface_pack: str | None = None, scheduler: str | None = None, acceleration=None,
-                  base_checkpoint: str | None = None,
-                  controlnets: dict[str, str] | None = None) -> MotionCharacterPipeline:
+                  base_checkpoint: str | None = None, controlnets: dict[str, str] | None = None,
+                  dtype: str | None = "auto", vae_upcast: bool | None = None) -> MotionCharacterPipeline:
     """A ready MotionCharacterPipeline from a weights folder / s3:// URI, or ``preset="tiny"``.
 
     Face embeddings come from ArcFace when ``arcface_pack`` (a folder or s3:// URI holding an
@@ -36,13 +36,18 @@ def load_pipeline(weights: str | None = None, preset: str | None = None, device:
     as the base. ``controlnets={"pose"|"depth"|"sparse": uri}``: explicit ControlNet folders (default:
     the weights folder's controlnet_pose/, controlnet_depth/, sparsectrl/; random tiny ones for the
     tiny preset), loaded on first use like the face adapter and Content Guider.
+    ``dtype``: fp32 | fp16 | bf16 | auto (fp16 on CUDA, fp32 on a CPU; fp16 on a CPU is refused);
+    ``vae_upcast``: decode in fp32 (default: on for fp16). What runs in which precision:
+    ``model.precision``; ``precision.running(pipe)`` names the one in use.
     """
     from motioncharacter.faces import embedder
 
     from . import control
+    from . import precision
     from .adapter import MotionCharacterAdapter
     from .presets import PRESETS, build_tiny
 
+    precision.resolve(dtype, device)  # before minutes of loading: fp16 on a CPU is refused
     if (weights is None) == (preset is None):
         raise ValueError("pass exactly one of weights (a folder or s3:// URI) and preset (e.g. 'tiny')")
     for kind in controlnets or {}:
@@ -70,22 +75,36 @@ def load_pipeline(weights: str | None = None, preset: str | None = None, device:
             parts["adapter"] = MotionCharacterAdapter.for_unet(
                 parts["unet"], clip_image_dim=parts["image_encoder"].config.projection_dim, face_dim=face_dim,
                 **((parts.get("info") or {}).get("adapter") or {}))
-    pipe = MotionCharacterPipeline(**{k: v for k, v in parts.items() if k != "info"})
-    pipe.face_embedder = face
-    pipe.defaults = native_defaults(pipe.unet.config.sample_size, pipe.vae_scale_factor, parts.get("info"))
-    from .schedulers import use_scheduler
-
-    use_scheduler(pipe, scheduler)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    from .acceleration import Acceleration
-
-    (acceleration or Acceleration()).apply(pipe)
+    pipe = pipeline_from_parts(parts, face, device=device, dtype=dtype, vae_upcast=vae_upcast,
+                               scheduler=scheduler, acceleration=acceleration)
     if base_checkpoint:
         from .community import apply_base_checkpoint, base_unet_config
 
         apply_base_checkpoint(pipe, base_checkpoint, base_unet_config(weights, preset))
     pipe.feature_sources = dict(weights=weights, preset=preset, controlnets=dict(controlnets or {}))
+    return pipe
+
+
+def pipeline_from_parts(parts: dict, face, *, device: str = "cpu", dtype: str | None = "auto",
+                        vae_upcast: bool | None = None, scheduler: str | None = None,
+                        acceleration=None) -> MotionCharacterPipeline:
+    """``load_pipeline``'s second half, for components already built (``parts``: the pipeline's
+    components, an optional "info" dict; ``face``: a face embedder): precision, device, scheduler and
+    speed options set the same way. bench/bench_gpu.py builds random real-width models through it."""
+    from . import precision
+    from .acceleration import Acceleration
+    from .schedulers import use_scheduler
+
+    torch_dtype = precision.resolve(dtype, device)
+    pipe = MotionCharacterPipeline(**{k: v for k, v in parts.items() if k != "info"})
+    pipe.face_embedder = face
+    pipe.defaults = native_defaults(pipe.unet.config.sample_size, pipe.vae_scale_factor, parts.get("info"))
+    use_scheduler(pipe, scheduler)
+    precision.apply(pipe, torch_dtype, vae_upcast)  # cast on the host, then move: no fp32 copy on the device
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    (acceleration or Acceleration()).apply(pipe)
+    pipe.feature_sources = dict(weights=None, preset=None, controlnets={})
     pipe.feature_parts = {}
     return pipe
 

@@ -42,19 +42,15 @@ class IntensityEncoder(nn.Module):
 
     def forward(self, intensity: torch.Tensor) -> torch.Tensor:
         """(B,) intensities in [0, 20] -> (B, num_tokens, text_dim)."""
-        m = intensity.reshape(-1, 1).to(self.mlp[0].weight.dtype) / INTENSITY_MAX
+        m = (intensity.reshape(-1, 1).float() / INTENSITY_MAX).to(self.mlp[0].weight.dtype)  # M scaled in fp32
         return self.norm(self.mlp(m).reshape(m.shape[0], self.num_tokens, -1))
 
 
 def motion_unet(unet2d, motion_adapter):
     """diffusers' own UNet2DConditionModel + MotionAdapter -> UNetMotionModel."""
     from diffusers import UNetMotionModel
-    from diffusers.utils import logging as dlog
 
-    # from_unet2d casts with .to(dtype) itself, which makes diffusers warn about its own call.
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
+    from .precision import quiet_diffusers
+
+    with quiet_diffusers():  # from_unet2d casts with .to(dtype) itself, which makes diffusers warn about its own call
         return UNetMotionModel.from_unet2d(unet2d, motion_adapter)
-    finally:
-        dlog.set_verbosity(level)

@@ -206,8 +206,10 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
         if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape):
             raise ValueError(f"latents must be a tensor of shape {shape} for this request, got "
                              f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}")
-        latents = self.prepare_latents(1, self.unet.config.in_channels, num_frames, height, width, text.dtype,
-                                       device, generator, latents)
+        # the latents, guidance and the scheduler's arithmetic stay fp32 whatever the UNet runs in (precision.py)
+        latents = self.prepare_latents(1, self.unet.config.in_channels, num_frames, height, width, torch.float32,
+                                       device, generator, None if latents is None else latents.float())
+        unet_dtype = self.unet.dtype
         timesteps = self.scheduler.timesteps
         # split_frames chunks the batch rows, so it needs one video per UNet call (acceleration.py)
         split = acc.split_guidance or acc.split_frames > 0
@@ -217,6 +219,7 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
             inp = torch.cat([latents] * 2) if cfg else latents
             inp = self.scheduler.scale_model_input(inp, t)
             down, mid = residuals(inp, t) if residuals is not None else (None, None)
+            inp = inp.to(unet_dtype)
             if halves is None:
                 eps = caches[0].predict(i, inp, t, encoder_hidden_states=text, cross_attention_kwargs=cond.kwargs(),
                                         down_block_additional_residuals=down, mid_block_additional_residual=mid)
@@ -226,6 +229,7 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
                     down_block_additional_residuals=None if down is None else [d[rows] for d in down],
                     mid_block_additional_residual=None if mid is None else mid[rows])
                     for k, (cache, rows) in enumerate(zip(caches, halves))])
+            eps = eps.float()
             if cfg:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
@@ -243,6 +247,11 @@ class MotionCharacterPipeline(AnimateDiffPipeline):
             return self.video_processor.postprocess_video(video=video, output_type=output_type)
         frames = ((video[0].permute(1, 2, 3, 0) / 2 + 0.5).clamp(0, 1) * 255).round()
         return frames.to(torch.uint8).cpu().numpy()
+
+
+    def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int = 16) -> torch.Tensor:
+        """diffusers' decode in the VAE's own precision (fp32 when ``vae_upcast``), returned as fp32."""
+        return super().decode_latents(latents.to(self.vae.dtype), decode_chunk_size).float()
 
 
 def _sample(cond, k: int):

@@ -20,7 +20,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..model.acceleration import Acceleration
-from ..model import inference
+from ..model import inference, precision
 from .repository import resolve_weights
 from .request_args import Limits, model_defaults, parse, scrub
 
@@ -80,9 +80,11 @@ class TritonPythonModel:
         self.pipe = self.api.load_pipeline(weights=weights, preset=params.get("preset") or None, device=device,
                                            arcface_pack=params.get("arcface_pack") or None, base_checkpoint=base,
                                            scheduler=params.get("scheduler") or None,
-                                           acceleration=Acceleration.from_params(params))
+                                           acceleration=Acceleration.from_params(params),
+                                           dtype=params.get("dtype") or "auto")
+        self.dtype = precision.running(self.pipe)  # what the UNet runs in, not what was asked
         self.defaults = {**self.pipe.defaults, **self.defaults}  # a repository written before deploy recorded them
-        pb_utils.Logger.log_info(f"{self.name}: pipeline loaded on {device} "
+        pb_utils.Logger.log_info(f"{self.name}: pipeline loaded on {device} in {self.dtype} "
                                  f"(weights={weights or '-'}, preset={params.get('preset') or '-'})")
 
     # -- helpers -------------------------------------------------------------------------------

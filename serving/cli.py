@@ -38,6 +38,11 @@ def add_commands(sub) -> None:
     from ..model.acceleration import add_arguments as speed_arguments
 
     speed_arguments(p)  # --cache-interval, --vae-slicing, ...: what the server's pipeline uses
+    from ..model.precision import DTYPES
+
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="precision the server's models run in, recorded in the model config: auto = fp16 on GPU "
+                        "instances, fp32 on CPU ones; bf16 runs on CPUs with AVX-512 BF16/AMX; fp16 needs --kind gpu")
     p.add_argument("--steps", type=int, default=0,
                    help="default denoising steps of a request that sends none (default: the model's own)")
     p.add_argument("--kind", choices=["cpu", "gpu"], default="cpu",
@@ -188,7 +193,7 @@ def _options(args: argparse.Namespace, weights: str | None, copy_weights: bool):
         weights=weights, preset=args.preset, copy_weights=copy_weights, arcface_pack=args.arcface_pack,
         base_checkpoint=(args.base_checkpoint if not args.base_checkpoint or "://" in args.base_checkpoint
                          else str(Path(args.base_checkpoint).resolve())),
-        scheduler=args.scheduler or "", default_steps=args.steps, acceleration=asdict(from_args(args)),
+        scheduler=args.scheduler or "", default_steps=args.steps, acceleration=asdict(from_args(args)), dtype=args.dtype,
         kind=args.kind, instances=args.instances, max_batch_size=args.max_batch_size,
         max_queue_size=args.max_queue_size, queue_timeout_s=args.queue_timeout,
         request_timeout_s=args.request_timeout, version=args.version, version_policy=args.version_policy,

@@ -49,6 +49,7 @@ class DeployOptions:
     base_checkpoint: str | None = None  # community SD1.5 base: diffusers folder or single-file .safetensors
     scheduler: str = ""               # "" = the weights' own (DDIM); ddim | dpm++ | lcm
     acceleration: dict = field(default_factory=dict)  # model.acceleration.Acceleration fields (defaults if absent)
+    dtype: str = "auto"               # fp32 | fp16 | bf16 | auto (fp16 on a GPU instance, fp32 on a CPU one)
     default_steps: int = 0            # steps of a request that sends none; 0 = the model's own
     kind: str = "cpu"                 # instance group: "cpu" locally, "gpu" on clusters
     instances: int = 1                # model instances per device (each loads the pipeline once)
@@ -71,6 +72,15 @@ class DeployOptions:
         if self.scheduler and self.scheduler not in SCHEDULERS:
             raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         Acceleration(**self.acceleration).check()
+        from ..model.precision import check
+
+        try:
+            check(self.dtype)
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
+        if self.dtype == "fp16" and self.kind == "cpu":
+            raise ValueError("--dtype fp16 needs GPU instances (--kind gpu): a CPU has no fp16 arithmetic; "
+                             "use bf16, fp32 or auto (fp32 on CPU instances)")
         if self.default_steps < 0:
             raise ValueError(f"--steps must be >= 0 (0 = the model's own), got {self.default_steps}")
         if self.kind not in ("cpu", "gpu"):
@@ -179,6 +189,7 @@ def write_version(dest: str, opts: DeployOptions) -> int:
     if opts.default_steps:
         native["steps"] = opts.default_steps
     params = {"preset": opts.preset or "", "arcface_pack": opts.arcface_pack or "", "scheduler": opts.scheduler,
+              "dtype": opts.dtype,
               **{f"default_{k}": str(v) for k, v in native.items()},
               "base_checkpoint": opts.base_checkpoint or "",
               **Acceleration(**opts.acceleration).check().to_params(),

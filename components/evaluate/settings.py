@@ -27,6 +27,7 @@ class GenerationSettings:
     guidance: float = 8.0
     scheduler: str = ""      # "" = the weights' own (DDIM); ddim | dpm++ | lcm (model/schedulers.py)
     acceleration: Acceleration = field(default_factory=Acceleration)  # speed/memory (model/acceleration.py)
+    dtype: str = "auto"      # fp32 | fp16 | bf16 | auto (fp16 on CUDA, fp32 on a CPU): model/precision.py
     id_scale: float = 1.0
     motion_scale: float = 1.0
     fps: float = 8.0
@@ -61,3 +62,9 @@ class EvalConfig:
             raise ValueError("evalset.actions must hold at least one phrase ('' = none)")
         if g.frames < 3:
             raise ValueError("generation.frames must be >= 3 (motion smoothness needs 3)")
+        from ...model.precision import check
+
+        try:
+            check(g.dtype)
+        except ValueError as err:
+            raise ValueError(f"generation.{err}") from None

@@ -112,7 +112,8 @@ def _item_key(item, gen: dict, cfg: EvalConfig, model: str) -> str:
 
     blob = json.dumps([item.to_dict(), gen, asdict(cfg.metrics), model] +
                       ([cfg.generation.scheduler] if cfg.generation.scheduler else []) +
-                      ([asdict(cfg.generation.acceleration)] if cfg.generation.acceleration != Acceleration() else []),
+                      ([asdict(cfg.generation.acceleration)] if cfg.generation.acceleration != Acceleration() else []) +
+                      ([cfg.generation.dtype] if cfg.generation.dtype != "auto" else []),
                       sort_keys=True, default=str)
     return f"{item.id}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
@@ -144,6 +145,7 @@ def evaluate(eval_set: str, output: str, cfg: EvalConfig, *, weights: str | None
 
     from motioncharacter.faces import FaceError
     from motioncharacter.model.inference import generate, load_pipeline
+    from motioncharacter.model.precision import running
     from motioncharacter.video import contact_sheet, load_image, write_video
 
     from .score import Scorer
@@ -160,7 +162,8 @@ def evaluate(eval_set: str, output: str, cfg: EvalConfig, *, weights: str | None
     items = build_items(portraits, bank, cfg.evalset, limit)
     m = cfg.metrics
     pipe = load_pipeline(weights=weights, preset=preset, device=device, arcface_pack=m.arcface_pack or None,
-                         scheduler=cfg.generation.scheduler or None, acceleration=cfg.generation.acceleration)
+                         scheduler=cfg.generation.scheduler or None, acceleration=cfg.generation.acceleration,
+                         dtype=cfg.generation.dtype)
     scorer = Scorer(m, flow_short_side=m.flow_short_side)
     g = cfg.generation
     gen = dict(frames=g.frames, steps=g.steps or pipe.defaults["steps"], height=g.height or pipe.defaults["height"],
@@ -212,7 +215,7 @@ def evaluate(eval_set: str, output: str, cfg: EvalConfig, *, weights: str | None
 
     summary = summarize(rows)
     summary.update(resumed=resumed, eval_set=eval_set, prompt_bank_version=bank_version, items=len(items),
-                   face_metric=scorer.face_key, generation=gen,
+                   face_metric=scorer.face_key, generation=gen, dtype=running(pipe),
                    model=weights or f"preset:{preset}")
     flat = _write_tables(rows, stage)
     calibration_plot(rows, stage / "calibration.png", summary["metrics"].get("intensity_spearman"))

@@ -238,13 +238,13 @@ def compute_loss(engine, parts: dict, fmodel: nn.Module, batch: dict, cfg: Train
     vae, sched = parts["vae"], parts["scheduler"]
     frames = batch["frames"].to(device, dtype)
     b, f = frames.shape[:2]
-    with torch.no_grad():
+    with torch.no_grad():  # latents, noise and the noising in fp32 in bf16 mode too; the model gets a cast copy
         post = vae.encode(frames.flatten(0, 1)).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device, dtype)
+        z = post.mean.float() + post.std.float() * torch.randn(post.mean.shape, generator=gen).to(device)
         latents = (z * vae.config.scaling_factor).reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4)
-        noise = torch.randn(latents.shape, generator=gen).to(device, dtype)
+        noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen).to(device)
-        noisy = sched.add_noise(latents, noise, t)
+        noisy = sched.add_noise(latents, noise, t).to(dtype)
         text = _tokens(parts, batch["caption"], device).repeat_interleave(f, 0)
     keep = batch["keep_image"].to(device)
     if cfg.train.mode == "motioncharacter":
