@@ -661,7 +661,8 @@ EXPECTED_SECRETS = {
     "StatefulSet/mlflow-postgres": {"mlflow-db"},
     "Deployment/mlflow": {"mlflow-db", "s3-mlflow", "mlflow-admin"},
     "Job/mlflow-setup": {"mlflow-admin", "mlflow-client"},
-                              "triton-admin", "ui-auth"}
+    "Deployment/triton": {"s3-triton", "triton-admin"},
+    "Deployment/motioncharacter-ui": {"ui-auth"},  # its login; no object store, no MLflow
     "PyTorchJob/motioncharacter-train/Master": {"s3-training", "mlflow-client"},
     "PyTorchJob/motioncharacter-train/Worker": {"s3-training", "mlflow-client"},
     "TrainJob/motioncharacter-train/node": {"s3-training", "mlflow-client"},
