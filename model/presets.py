@@ -37,7 +37,7 @@ def mini_weights() -> str:
     uri = os.environ.get(MINI_ENV) or MINI_DEFAULT
     if not storage.exists(storage.join(uri, "motioncharacter.json")):
         raise FileNotFoundError(f"the mini preset is trained on this machine and {uri} holds none yet: run "
-                                f"`motioncharacter demo --learn` (about 25 min on 2 cores), or set {MINI_ENV} to a "
+                                f"`motioncharacter demo --learn` (about an hour on 2 cores), or set {MINI_ENV} to a "
                                 "folder written by `motioncharacter train-base`, or pass --weights")
     return uri
 

@@ -6,7 +6,7 @@ preparation -> DeepSpeed training -> evaluation -> (gate) deployment to a Triton
 repository -> one video generated through a real Triton server. ``--data-only`` runs just
 the data-preparation stage (about a minute). ``--learn`` instead proves that the model learns:
 it trains the small ``mini`` model here and measures how well its videos follow the requested
-motion intensity (see motioncharacter/learn.py; about 25 minutes on 2 cores).
+motion intensity (see motioncharacter/learn.py; about an hour on 2 cores).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def add_commands(sub) -> None:
     p.add_argument("--train-steps", type=int, default=4, help="training steps of the tiny model (default: 4)")
     p.add_argument("--learn", action="store_true",
                    help="train the mini model on this CPU (data prepare -> train-base -> train -> evaluate) and "
-                   "report intensity adherence with ablations (about 25 min)")
+                   "report identity (SFace) and intensity adherence with ablations (about an hour)")
     p.add_argument("--output", default="outputs/learn",
                    help="with --learn: folder for learn_report.json, eval/<variant>/, intensity_grid.gif "
                    "(default: %(default)s)")

@@ -1,6 +1,6 @@
 """`motioncharacter demo --learn` in a few steps: every stage of the learning loop runs and writes
 what the report promises. (The full run, whose figures the README quotes, is `demo --learn`
-itself: about 25 minutes, a benchmark, not CI.) Also the mini base's own pieces: the VAE learns
+itself: about an hour, a benchmark, not CI.) Also the mini base's own pieces: the VAE learns
 to reconstruct, and the trained UNet + motion modules survive the split into the diffusers layout."""
 from __future__ import annotations
 
