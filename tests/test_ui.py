@@ -230,9 +230,12 @@ def test_page_generates_a_playable_video_then_refuses_three_faces_and_keeps_work
     frames, _ = act.decode_mp4(_fetch(page, src))
     assert frames.shape == (advertised["frames"], advertised["height"], advertised["width"], 3)
     status = _status(page)
+    from motioncharacter.serving.repository import served_version
+
+    served = served_version(triton.repository)  # the session's server: other tests may have rolled it forward
     assert (f"{advertised['frames']} frames, {advertised['width']}x{advertised['height']}, intensity 15, seed 7, "
-            "version 1") in status  # the slider's value went into the request
-    assert page.locator("#model-used textarea").input_value() == "motioncharacter version 1"
+            f"version {served}") in status  # the slider's value went into the request
+    assert page.locator("#model-used textarea").input_value() == f"motioncharacter version {served}"
     assert page.locator("#seed-used input").input_value() == "7"
     # the page plays what the server generates for these inputs: the same request through the client
     with MotionCharacterClient(triton.grpc_url, timeout_s=120) as c:

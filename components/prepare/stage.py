@@ -290,8 +290,10 @@ def _contact_sheet(kept: list[dict], stage_dir: Path, path: Path, output_uri: st
 
 def list_inputs(input_uri: str) -> list[str]:
     """The stage's inputs, sorted (hidden files left out): the listing every shard splits alike."""
-    inputs = [u for u in storage.list_files(input_uri) if not Path(u).name.startswith(".")
-              and Path(u).suffix.lower() != ".json"]  # caption sidecars travel with their input
+    files = [u for u in storage.list_files(input_uri) if not Path(u).name.startswith(".")]
+    stems = {u[: -len(Path(u).suffix)] for u in files if Path(u).suffix.lower() != ".json"}
+    # a caption sidecar (clip.json beside clip.mp4) travels with its input; any other file is an input
+    inputs = [u for u in files if not (Path(u).suffix.lower() == ".json" and u[:-5] in stems)]
     if not inputs:
         raise ValueError(f"input {input_uri} holds no files")
     return inputs
