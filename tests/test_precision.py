@@ -224,8 +224,6 @@ def test_served_bf16_video_is_the_in_process_bf16_video(bf16_server, videos):
 
 # ---- training ----------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known bug (issue 24 still open): bf16 training on the tiny preset fails in a "
-                   "stock attention layer, 'expected m1 and m2 to have the same dtype: float != BFloat16'")
 def test_trainer_bf16_steps_follow_fp32_steps(tmp_path_factory):
     """A few bf16 steps (DeepSpeed bf16.enabled) against fp32 ones from the same seed and data: every
     step's loss within 2 % (relative) of fp32's, and not bit-equal to it (that would be fp32 again)."""

@@ -378,6 +378,8 @@ class Trainer:
         module = (MCTrainModule(parts["unet"], parts["adapter"], cfg.model.motion_control)
                   if cfg.train.mode == "motioncharacter" else GuiderTrainModule(parts["unet"], parts["adapter"],
                                                                                 cfg.train.mode))
+        if bf16:  # DeepSpeed casts the parameters; the buffers too (the motion modules' positional
+            module.to(device, dtype)  # encodings), or adding them promotes the activations back to fp32
         params = [p for p in module.parameters() if p.requires_grad]
         ds_cfg = deepspeed_config(cfg, bf16)
         engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_cfg)
