@@ -175,7 +175,7 @@ def identity_face(name: str, face_px: int = 320) -> np.ndarray:
     """A square face patch (RGB uint8) of a named package-shipped identity: ``grace_hopper``,
     ``astronaut``, ``tom_hanks`` (insightface's sample) or ``group_<k>``, the k-th face from the
     left of insightface's group photo t1.jpg."""
-    from .faces import crop, detector
+    from .faces import crop
 
     img, face = _package_identity(name)
     return crop(img, face, margin=FACE_MARGIN, size=face_px)
