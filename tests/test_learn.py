@@ -42,8 +42,8 @@ def test_demo_learn_fast_runs_every_stage(no_services, capsys, monkeypatch):
 
     tmp = no_services
     cfg = load_learn_config()
-    cfg.update(fixtures={"clips_per_identity": 2, "heldout_people": 3, "max_train_people": 4},
-               base={"vae_steps": 3, "unet_steps": 3}, adapter_steps=2)
+    cfg.update(fixtures={"clips_per_identity": 2, "heldout_people": 3, "max_train_people": 4}, adapter_steps=2)
+    cfg["base"] = {**cfg["base"], "vae_steps": 3, "unet_steps": 3}  # the real run's shapes (VAE factor, channels)
     cfg["evaluate"] = cfg["evaluate"] + ["evalset.prompts_per_image=2", "generation.steps=2"]
     cfg["train"] = cfg["train"] + ["optim.warmup_steps=0"]  # so 2 steps move the weights
     (tmp / "fast.yaml").write_text(yaml.safe_dump(cfg))

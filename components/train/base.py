@@ -58,6 +58,7 @@ class BaseSettings:
     ref_encoder_size: int = 64  # the adapter trained on this base encodes the reference crop at this size
     mean_latents: bool = True   # train the UNet on the VAE posterior means (samples teach frame jitter)
     latent_channels: int = 8
+    vae_downsample: int = 8     # 8 (SD's factor) or 4: 16x16 latents at 64 px keep more of a face (vae_ceiling)
     vae_face_weight: float = 0.0  # > 0: an SFace identity term on the VAE's reconstructions (see train_vae)
 
 
@@ -65,7 +66,10 @@ MINI = {"text_dim": 32, "clip_image_dim": 32}
 
 
 def mini_configs(s: BaseSettings) -> dict:
-    lat = s.resolution // 8
+    if s.vae_downsample not in (2, 4, 8):
+        raise ValueError(f"vae_downsample must be 2, 4 or 8, got {s.vae_downsample!r}")
+    lat = s.resolution // s.vae_downsample
+    blocks = int(math.log2(s.vae_downsample)) + 1  # each block but the last halves the size
     return dict(
         # cross-attention at both latent resolutions (8x8 and 4x4 at 64 px): the ID tokens, the
         # reference's patch tokens among them, need the finer level to place a face's features
@@ -76,8 +80,9 @@ def mini_configs(s: BaseSettings) -> dict:
                   attention_head_dim=8, norm_num_groups=16),
         motion_adapter=dict(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
                             motion_norm_num_groups=16, motion_max_seq_length=32, use_motion_mid_block=False),
-        vae=dict(in_channels=3, out_channels=3, latent_channels=s.latent_channels, block_out_channels=(16, 32, 64, 64),
-                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        vae=dict(in_channels=3, out_channels=3, latent_channels=s.latent_channels,
+                 block_out_channels=(16, 32, 64, 64)[:blocks], down_block_types=("DownEncoderBlock2D",) * blocks,
+                 up_block_types=("UpDecoderBlock2D",) * blocks,
                  layers_per_block=1, norm_num_groups=16, sample_size=s.resolution, mid_block_add_attention=False),
     )
 
