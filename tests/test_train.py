@@ -114,12 +114,17 @@ def test_sigterm_saves_a_checkpoint_then_resumes(prep, baseline, tmp_path):
     finally:
         p.kill()
     assert p.returncode == 143, log[-3000:]
-    assert max(losses(out)) == 1
-    assert latest(out) == "step-00000001"  # saved although checkpoint_every is 100
+    # the step in flight when the handler ran: normally step 1, but the kernel may hand SIGTERM to
+    # one of torch's threads, and under load the main thread can start step 2 before it sees the flag
+    # (seen once in a full random-order run); either way the stop comes long before step 50
+    last = max(losses(out))
+    assert last <= 2, log[-3000:]
+    assert latest(out) == f"step-{last:08d}"  # saved although checkpoint_every is 100
     # and the checkpoint resumes to the uninterrupted run's losses
     rc, log = run_train(train_cmd(prep / "manifest.jsonl", out, STEPS, "--resume"), env)
     assert rc == 0, log[-3000:]
-    assert [losses(out)[s] for s in range(2, STEPS + 1)] == [losses(baseline)[s] for s in range(2, STEPS + 1)]
+    after = range(last + 1, STEPS + 1)
+    assert [losses(out)[s] for s in after] == [losses(baseline)[s] for s in after]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(prep, baseline, tmp_path):
