@@ -103,8 +103,6 @@ def test_programmed_pans_measure_what_was_programmed(estimator):
     256 px, 512-px scale), is its programmed speed, by two independent flow methods, and 0 when
     still. The photo is a tight crop around the face, so the window must stay inside it: a window
     over replicated borders measured 13 at speed 0 (DIS) and 190 at 20 (Farneback)."""
-    import cv2
-
     from motioncharacter.components.prepare.flow import FarnebackFlow, DISFlow, measure
     from motioncharacter.faces import detector
     from motioncharacter.fixtures import SAMPLE_FPS, SRC_FPS, _package_identity, camera_clip
